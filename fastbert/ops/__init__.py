@@ -1,0 +1,9 @@
+"""fastbert's public fused ops. Each validates its inputs (ValueError naming the problem), runs the Triton kernel
+on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1, through Triton's interpreter), falls back to the
+eager definition in fastbert.reference on other CPU tensors, and is a torch.library custom op with its autograd
+formula, so torch.compile sees one op rather than a graph break.
+"""
+
+from fastbert.ops._add_layer_norm import add_layer_norm
+
+__all__ = ["add_layer_norm"]

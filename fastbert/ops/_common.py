@@ -1,0 +1,62 @@
+"""Shared plumbing of the public ops: where an op runs, input checks, dropout seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Dispatch rule of every op: CUDA tensors run the Triton kernels; CPU tensors run them in Triton's
+    interpreter when TRITON_INTERPRET=1, and otherwise the eager reference in fastbert.reference."""
+    if t.device.type == "cuda":
+        if not _TRITON:
+            raise RuntimeError("fastbert needs Triton for CUDA tensors: pip install triton")
+        return True
+    return t.device.type == "cpu" and _TRITON and interpreting()
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    devices = {k: t.device for k, t in present.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{k}: {d}' for k, d in devices.items())}")
+    return first
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def check_dropout_p(p: float) -> float:
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return p
+
+
+def draw_seed() -> torch.Tensor:
+    """A dropout seed drawn from PyTorch's default CPU generator, so ``torch.manual_seed`` makes kernel dropout
+    reproducible. Kept as a CPU int64 tensor (not a Python int) so that torch.compile traces it without a graph
+    break; the ops read it on the host, which costs no device sync."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n] -> [rows, n] with unit column stride, as a view when the layout allows (no copy for contiguous
+    tensors or row-strided slices), else a contiguous copy."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2

@@ -1,0 +1,306 @@
+"""Fused dropout + residual add + LayerNorm: ``y = LayerNorm(dropout(x) + residual) * weight + bias``.
+
+What BERT's ``BertSelfOutput`` / ``BertOutput`` do after their dense layer, in one pass over each row:
+
+    s    = dropout_p(x) + residual                 (dropout keep-mask from Philox(seed, row * N + col))
+    mean = sum(s) / N,  rstd = 1 / sqrt(sum((s - mean)^2) / N + eps)     (fp32)
+    y    = (s - mean) * rstd * weight + bias
+
+Eager PyTorch reads and writes the [M, N] activations once for the dropout, once for the add and once for the
+LayerNorm (about 8·M·N elements moved); the fused forward reads x and residual and writes y (3·M·N).
+
+Backward, with x̂ = (s - mean) · rstd and g = weight · dy:
+
+    ds        = rstd · (g - mean(g) - x̂ · mean(g · x̂))      (row means over N)
+    dresidual = ds,   dx = ds · keep / (1 - p)
+    dweight   = Σ_rows dy · x̂,   dbias = Σ_rows dy
+
+The backward recomputes s from x and residual (and the dropout mask from the seed) instead of storing it: the
+same bytes over forward + backward as storing s, less memory, and nothing extra written at inference.
+dweight / dbias are reduced deterministically: each persistent program sums its rows into its own fp32 row of a
+partial buffer, and the launcher sums the partials (no atomics).
+
+Limits: the row must fit in one block (N <= MAX_HIDDEN); statistics are fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, num_programs_for
+
+MAX_HIDDEN = 8192
+# With dropout the backward holds the keep-mask as well, and spills past this width: wider rows get their
+# dropout from PyTorch in fastbert.ops (then this kernel runs without dropout).
+MAX_HIDDEN_DROPOUT = 4096
+_MIN_BLOCK_N = 16
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+def fwd_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel: whole rows, ~2K elements and 8 per thread a program
+    (more spills once Philox is live), up to 16 per thread for the widest rows."""
+    block_n = max(_MIN_BLOCK_N, triton.next_power_of_2(n))
+    block_m = max(1, min(16, 2048 // block_n))
+    num_warps = min(16, max(4, block_m * block_n // 256))
+    return block_m, block_n, num_warps
+
+
+def bwd_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel: more live values per element than the forward (two
+    fp32 accumulator rows besides), so at most 8 elements per thread; 32 warps for N = 8192."""
+    block_n = max(_MIN_BLOCK_N, triton.next_power_of_2(n))
+    block_m = max(1, min(16, 2048 // block_n))
+    num_warps = min(32, max(4, block_m * block_n // 256))
+    return block_m, block_n, num_warps
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _add_layer_norm_fwd_kernel(
+    x_ptr,  # [M, N], row stride stride_x_row, unit column stride
+    residual_ptr,  # [M, N]; its dtype may differ from x's (autocast: x half, residual fp32)
+    weight_ptr,  # [N]
+    bias_ptr,  # [N]
+    y_ptr,  # [M, N] out, dtype of residual
+    mean_ptr,  # [M] out, fp32
+    rstd_ptr,  # [M] out, fp32
+    stride_x_row,
+    stride_residual_row,
+    stride_y_row,
+    M,
+    N,
+    eps,
+    dropout_threshold,  # uint32 threshold of the keep-mask (see common.dropout_threshold)
+    dropout_scale,  # 1 / (1 - p)
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+
+    x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, rows, tl.cdiv(N, 4), 0, dropout_threshold, BLOCK_M, BLOCK_N)
+        x = tl.where(keep, x * dropout_scale, 0.0)
+    s = x + r.to(tl.float32)
+
+    mean = tl.sum(s, axis=1) / N
+    centered = tl.where(mask, s - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_y_row + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(
+    dy_ptr,  # [M, N] incoming gradient
+    x_ptr,  # [M, N] saved input
+    residual_ptr,  # [M, N] saved residual
+    weight_ptr,  # [N]
+    mean_ptr,  # [M] fp32
+    rstd_ptr,  # [M] fp32
+    dresidual_ptr,  # [M, N] out (contiguous)
+    dx_ptr,  # [M, N] out (contiguous); only written with dropout, otherwise dx == dresidual
+    dweight_partial_ptr,  # [num_programs, N] out, fp32
+    dbias_partial_ptr,  # [num_programs, N] out, fp32
+    stride_dy_row,
+    stride_x_row,
+    stride_residual_row,
+    M,
+    N,
+    dropout_threshold,
+    dropout_scale,
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    num_tiles = tl.cdiv(M, BLOCK_M)
+    for tile in range(pid, num_tiles, num_programs):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+
+        x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(N, 4), 0, dropout_threshold, BLOCK_M, BLOCK_N)
+            x = tl.where(keep, x * dropout_scale, 0.0)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x + r.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        # weight is re-read per tile (it stays in L1/L2) rather than held: at N = 8192 registers are the limit.
+        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        g = dy * w[None, :]
+        mean_g = tl.sum(g, axis=1) / N
+        mean_gx = tl.sum(g * xhat, axis=1) / N
+        ds = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+
+        out_offs = rows64[:, None] * N + cols[None, :]
+        tl.store(dresidual_ptr + out_offs, ds.to(dresidual_ptr.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            dx = tl.where(keep, ds * dropout_scale, 0.0)
+            tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += tl.sum(dy * xhat, axis=0)
+        db_acc += tl.sum(dy, axis=0)
+
+    tl.store(dweight_partial_ptr + pid * N + cols, dw_acc, mask=col_ok)
+    tl.store(dbias_partial_ptr + pid * N + cols, db_acc, mask=col_ok)
+
+
+@triton.jit
+def _add_layer_norm_keep_mask_kernel(
+    keep_ptr,  # [M, N] out, int8: the dropout keep-mask the kernels above use for this seed
+    M,
+    N,
+    dropout_threshold,
+    seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    keep = dropout_keep(seed, rows, tl.cdiv(N, 4), tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N)
+    tl.store(keep_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def add_layer_norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: [M, N] with unit column stride (their dtypes may differ: each is read as it is and the sum is
+    fp32). Returns (y [M, N] contiguous in residual's dtype, mean [M] fp32, rstd [M] fp32)."""
+    M, N = x.shape
+    y = empty((M, N), device=x.device, dtype=residual.dtype)
+    mean = empty((M,), device=x.device, dtype=torch.float32)
+    rstd = empty((M,), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, mean, rstd
+    block_m, block_n, num_warps = fwd_config(N)
+    _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, residual, weight, bias, y, mean, rstd,
+        x.stride(0), residual.stride(0), y.stride(0),
+        M, N, eps, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def add_layer_norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of add_layer_norm_fwd. Returns (dx, dresidual, dweight, dbias); dx is None when there is no
+    dropout, because then it equals dresidual (up to dtype). dx has x's dtype, dresidual residual's, dweight and
+    dbias weight's."""
+    M, N = x.shape
+    has_dropout = dropout_p > 0.0
+    dresidual = empty((M, N), device=x.device, dtype=residual.dtype)
+    dx = empty((M, N), device=x.device, dtype=x.dtype) if has_dropout else None
+    block_m, block_n, num_warps = bwd_config(N)
+    programs = max(1, min(num_programs_for(x.device), triton.cdiv(M, block_m)))
+    dw_partial = empty((programs, N), device=x.device, dtype=torch.float32)
+    db_partial = empty((programs, N), device=x.device, dtype=torch.float32)
+    _add_layer_norm_bwd_kernel[(programs,)](
+        dy, x, residual, weight, mean, rstd,
+        dresidual, dx if has_dropout else dresidual, dw_partial, db_partial,
+        dy.stride(0), x.stride(0), residual.stride(0),
+        M, N, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout,
+        num_warps=num_warps,
+    )  # fmt: skip
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    dbias = db_partial.sum(0).to(weight.dtype)
+    return dx, dresidual, dweight, dbias
+
+
+def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The [M, N] bool keep-mask add_layer_norm applies to x for this seed and p (for tests and debugging)."""
+    keep = torch.empty((M, N), device=device, dtype=torch.int8)
+    _add_layer_norm_keep_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 64))](
+        keep, M, N, dropout_threshold(dropout_p), seed, BLOCK_M=16, BLOCK_N=64
+    )
+    return keep.bool()
+
+
+# ----------------------------------------------------------------------------------------------- compile gate
+# (x, residual, weight) dtypes the public op passes: one dtype throughout; half activations with fp32 parameters;
+# and autocast's mix (half x from a Linear, fp32 residual stream and parameters). y has residual's dtype.
+DTYPE_COMBOS = (
+    ("fp32", "fp32", "fp32"), ("fp16", "fp16", "fp16"), ("bf16", "bf16", "bf16"),
+    ("fp16", "fp16", "fp32"), ("bf16", "bf16", "fp32"), ("fp16", "fp32", "fp32"), ("bf16", "fp32", "fp32"),
+)  # fmt: skip
+
+
+def gate_cases() -> list[GateCase]:
+    """Every compilation the launchers above may request: each block size up to MAX_HIDDEN, dtypes, dropout."""
+    cases = []
+    block_n = _MIN_BLOCK_N
+    while block_n <= MAX_HIDDEN:
+        for xt, rt, wt in DTYPE_COMBOS:
+            for drop in (False, True) if block_n <= MAX_HIDDEN_DROPOUT else (False,):
+                tag = f"n{block_n}-{xt}-{rt}-{wt}-drop{int(drop)}"
+                bm, bn, nw = fwd_config(block_n)
+                cases.append(GateCase(
+                    f"add_layer_norm_fwd-{tag}", _add_layer_norm_fwd_kernel,
+                    {"x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}", "bias_ptr": f"*{wt}",
+                     "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x_row": "i64",
+                     "stride_residual_row": "i64", "stride_y_row": "i64", "M": "i32", "N": "i32", "eps": "fp32",
+                     "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
+                     "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr"},
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop}, nw,
+                ))  # fmt: skip
+                bm, bn, nw = bwd_config(block_n)
+                cases.append(GateCase(
+                    f"add_layer_norm_bwd-{tag}", _add_layer_norm_bwd_kernel,
+                    {"dy_ptr": f"*{rt}", "x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}",
+                     "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dresidual_ptr": f"*{rt}", "dx_ptr": f"*{xt}",
+                     "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32", "stride_dy_row": "i64",
+                     "stride_x_row": "i64", "stride_residual_row": "i64", "M": "i32", "N": "i32",
+                     "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
+                     "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr"},
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop}, nw,
+                ))  # fmt: skip
+        block_n *= 2
+    return cases

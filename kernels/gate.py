@@ -1,0 +1,119 @@
+"""The GPU compile gate's registry: every kernel module of fastbert, and how to compile one case for a GPU
+target on a machine without one.
+
+A kernel module joins the gate by being listed in KERNEL_MODULES and defining ``gate_cases() -> list[GateCase]``
+that enumerates every compilation its launchers may request (block sizes, dtypes, flags, warps, stages).
+tests/test_compile.py compiles each case for sm_80 and sm_90 with ``triton.compile(ASTSource, GPUTarget)``
+(ptxas runs on the CPU) and fails on a compile error, shared memory above the target's limit or a spill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+KERNEL_MODULES = (
+    "fastbert.kernels.add_layer_norm",
+    "fastbert.kernels.linear_gelu",
+    "fastbert.kernels.attention",
+)
+
+# Shared memory a block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+ARCHS = (80, 90)
+
+
+@dataclasses.dataclass
+class GateResult:
+    name: str
+    arch: int
+    shared: int
+    registers: int
+    spill_stores: int  # STL instructions in the SASS: register spills to local memory
+    wgmma: bool
+
+
+def all_cases(modules=KERNEL_MODULES):
+    for mod_name in modules:
+        yield from importlib.import_module(mod_name).gate_cases()
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spill stores) of a cubin, read with the cuobjdump that ships with Triton: registers from its
+    resource usage, spills as the local-memory stores (STL) in the SASS."""
+    import triton.backends.nvidia as nv
+
+    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
+    m = re.search(r"REG:(\d+)", usage.stdout)
+    if m is None:
+        raise RuntimeError(f"cannot read cuobjdump resource usage:\n{usage.stdout}\n{usage.stderr}")
+    return int(m.group(1)), len(re.findall(r"\bSTL(?:\.\w+)*\s", sass.stdout))
+
+
+def compile_case(case, arch: int) -> GateResult:
+    """Compile one GateCase for sm_<arch> (no GPU needed) and report its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps, "num_stages": case.num_stages}
+    )
+    regs, spills = _resource_usage(compiled.asm["cubin"])
+    wgmma = "warp_group_dot" in compiled.asm["ttgir"] or "wgmma" in compiled.asm["ttgir"]
+    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma)
+
+
+def _compile_one(args: tuple[tuple[str, ...], int, int]) -> dict:
+    modules, index, arch = args
+    case = list(all_cases(modules))[index]
+    try:
+        return dataclasses.asdict(compile_case(case, arch)) | {"error": None}
+    except Exception as e:  # noqa: BLE001 - a compile failure is the gate's finding, reported per case
+        return {"name": case.name, "arch": arch, "error": f"{type(e).__name__}: {e}"[-4000:]}
+
+
+def run_gate(jobs: int | None = None, modules: tuple[str, ...] = KERNEL_MODULES) -> list[dict]:
+    """Compile every case for every arch in worker processes; one dict per (case, arch)."""
+    import concurrent.futures
+    import multiprocessing
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("the compile gate needs real @triton.jit functions: unset TRITON_INTERPRET")
+    cases = list(all_cases(modules))
+    work = [(modules, i, arch) for i, case in enumerate(cases) for arch in ARCHS if case.archs is None or arch in case.archs]
+    jobs = jobs or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        return list(pool.map(_compile_one, work, chunksize=4))
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    import time
+
+    parser = argparse.ArgumentParser(description="Compile every fastbert kernel for sm_80 and sm_90 on this CPU.")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--module", action="append", help="only this kernel module (repeatable)")
+    ns = parser.parse_args()
+    t0 = time.time()
+    results = run_gate(ns.jobs, tuple(ns.module) if ns.module else KERNEL_MODULES)
+    if ns.out:
+        with open(ns.out, "w") as f:
+            json.dump(results, f, indent=1)
+    for r in results:
+        state = r["error"].splitlines()[0][:100] if r["error"] else f"shared={r['shared']} regs={r['registers']} spills={r['spill_stores']}"
+        print(f"sm_{r['arch']} {r['name']:48s} {state}")
+    print(f"{len(results)} compilations in {time.time() - t0:.1f}s")

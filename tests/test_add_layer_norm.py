@@ -1,0 +1,210 @@
+"""ops.add_layer_norm against the float64 reference: output and all four gradients, awkward shapes in the
+interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), dropout with the kernel's own keep-mask, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA
+from numerics import assert_matches_reference
+
+from fastbert import ops, reference
+from fastbert.ops._common import draw_seed
+
+
+def make_inputs(shape, dtype, param_dtype=None, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    r = torch.randn(shape, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, param_dtype or dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(device, param_dtype or dtype)
+    dy = torch.randn(shape, generator=g).to(device, dtype)
+    return x, r, w, b, dy
+
+
+def run(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def check_against_reference(x, r, w, b, dy, eps=1e-12, dropout_p=0.0, keep=None, seed=None):
+    """Kernel vs float64 reference (and eager in the kernel's dtype, for the half-precision rule)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    out, grads = run(lambda *t: ops.add_layer_norm(*t, eps, dropout_p=dropout_p), (x, r, w, b), dy)
+    ref_out, ref_grads = run(
+        lambda *t: reference.add_layer_norm(*t, eps, dropout_p=dropout_p, keep=keep),
+        [t.double() for t in (x, r, w, b)], dy.double(),
+    )  # fmt: skip
+    eager_out, eager_grads = run(
+        lambda *t: reference.add_layer_norm(*t, eps, dropout_p=dropout_p, keep=keep), (x, r, w, b), dy
+    )
+    assert out.dtype == r.dtype
+    assert_matches_reference(out, ref_out, eager_out, name="y")
+    for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads):
+        assert g.dtype == eg.dtype, name
+        assert_matches_reference(g, rg, eg, name=name)
+
+
+# Awkward shapes: one row, odd rows, hidden sizes that are not powers of two, leading dimensions, the widest rows.
+SHAPES = [(1, 16), (3, 384), (2, 3, 1000), (5, 768), (4, 1024), (7, 17), (2, 8192)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, dtype):
+    check_against_reference(*make_inputs(shape, dtype))
+
+
+def test_half_activations_fp32_params():
+    check_against_reference(*make_inputs((5, 96), torch.float16, param_dtype=torch.float32))
+
+
+def test_non_contiguous_inputs():
+    x, r, w, b, dy = make_inputs((6, 2, 160), torch.float32)
+    # transposed views and a column slice: row strides that are not the row length
+    xt = x.transpose(0, 1)
+    rt = r.transpose(0, 1)
+    assert not xt.is_contiguous()
+    check_against_reference(xt, rt, w, b, dy.transpose(0, 1))
+    wide = torch.randn(5, 300, device=DEVICE)
+    check_against_reference(wide[:, :128], wide[:, 128:256], w[:128], b[:128], torch.randn(5, 128, device=DEVICE))
+
+
+def test_eps_is_used():
+    x, r, w, b, dy = make_inputs((4, 64), torch.float32)
+    check_against_reference(x * 1e-3, r * 1e-3, w, b, dy, eps=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 100), (65, 384)], ids=["3x100", "65x384"])
+def test_dropout_matches_reference_with_kernel_mask(shape, dtype):
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    p = 0.3
+    torch.manual_seed(1234)
+    seed = int(draw_seed().item())
+    keep = dropout_keep_mask(seed, shape[0], shape[1], p, DEVICE)
+    check_against_reference(*make_inputs(shape, dtype), dropout_p=p, keep=keep, seed=1234)
+
+
+def test_dropout_reproducible_and_keep_rate():
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    x, r, w, b, _ = make_inputs((64, 256), torch.float32)
+    torch.manual_seed(7)
+    y1 = ops.add_layer_norm(x, r, w, b, dropout_p=0.2)
+    torch.manual_seed(7)
+    y2 = ops.add_layer_norm(x, r, w, b, dropout_p=0.2)
+    y3 = ops.add_layer_norm(x, r, w, b, dropout_p=0.2)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+    keep = dropout_keep_mask(99, 64, 256, 0.2, DEVICE)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    # keep ~ Binomial(n, 0.8): 5 standard deviations
+    assert abs(rate - 0.8) < 5 * (0.8 * 0.2 / n) ** 0.5
+    # independent across rows and columns: no two rows share a mask
+    assert len({tuple(row.tolist()) for row in keep}) == keep.shape[0]
+
+
+def test_dropout_wide_rows_fall_back_to_torch_dropout():
+    x, r, w, b, _ = make_inputs((2, 8192), torch.float32)
+    torch.manual_seed(3)
+    y = ops.add_layer_norm(x, r, w, b, dropout_p=0.5)
+    torch.manual_seed(3)
+    expected = reference.add_layer_norm(x, r, w, b, dropout_p=0.5)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_follows_pytorch_layer_norm():
+    # Under autocast a Linear hands a half x to an fp32 residual stream; eager computes the add and the
+    # LayerNorm in fp32. fp16 autocast on CPU keeps the interpreter away from bf16.
+    x, _, _, _, _ = make_inputs((5, 64), torch.float16)
+    _, r, w, b, dy = make_inputs((5, 64), torch.float32, seed=1)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, grads = run(lambda *t: ops.add_layer_norm(*t), (x, r, w, b), dy)
+        eager_out, eager_grads = run(lambda *t: F.layer_norm(t[0] + t[1], (64,), t[2], t[3], 1e-12), (x, r, w, b), dy)
+    assert out.dtype == torch.float32 and eager_out.dtype == torch.float32
+    ref_out, ref_grads = run(lambda *t: reference.add_layer_norm(*t), [t.double() for t in (x, r, w, b)], dy.double())
+    assert_matches_reference(out, ref_out, name="y")
+    assert grads[0].dtype == torch.float16
+    for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads):
+        assert_matches_reference(g, rg, eg if g.dtype != torch.float32 else None, name=name)
+
+
+def test_cpu_without_interpreter_runs_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, r, w, b, _ = make_inputs((3, 32), torch.float32, device="cpu")
+    torch.testing.assert_close(ops.add_layer_norm(x, r, w, b), reference.add_layer_norm(x, r, w, b))
+
+
+def test_zero_rows():
+    x, r, w, b, _ = make_inputs((0, 64), torch.float32)
+    assert ops.add_layer_norm(x, r, w, b).shape == (0, 64)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("shape", "one shape"),
+        ("weight", "weight and bias must have shape"),
+        ("dtype", "one dtype"),
+        ("param_dtype", "share a dtype"),
+        ("int", "float16, bfloat16 or float32"),
+        ("too_wide", "beyond add_layer_norm's limit"),
+        ("dropout", "dropout_p"),
+        ("device", "one device"),
+    ],
+)
+def test_bad_input_raises_value_error(case, message):
+    x, r, w, b, _ = make_inputs((4, 32), torch.float32)
+    kwargs = {}
+    if case == "shape":
+        r = r[:, :16]
+    elif case == "weight":
+        w = w[:16]
+    elif case == "dtype":
+        r = r.half()
+    elif case == "param_dtype":
+        x, r, b = x.half(), r.half(), b.half()
+    elif case == "int":
+        x = x.long()
+    elif case == "too_wide":
+        x, r, w, b, _ = make_inputs((1, 8200), torch.float32)
+    elif case == "dropout":
+        kwargs["dropout_p"] = 1.0
+    elif case == "device":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA device beside the CPU")
+        w = w.cpu()
+    with pytest.raises(ValueError, match=message):
+        ops.add_layer_norm(x, r, w, b, **kwargs)
+
+
+def test_opcheck():
+    x, r, w, b, _ = make_inputs((3, 48), torch.float32)
+    x.requires_grad_()
+    args = (x, r, w, b, 1e-12, 0.0, torch.zeros(1, dtype=torch.int64))
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
+    args = (x, r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64))
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("hidden", [768, 1024])
+def test_bert_shapes_gpu(hidden, dtype):
+    check_against_reference(*make_inputs((16384, hidden), dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_bert_shapes_dropout_gpu(dtype):
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    torch.manual_seed(5)
+    keep = dropout_keep_mask(int(draw_seed().item()), 16384, 768, 0.1, DEVICE)
+    check_against_reference(*make_inputs((16384, 768), dtype), dropout_p=0.1, keep=keep, seed=5)
