@@ -18,8 +18,6 @@ import tempfile
 
 KERNEL_MODULES = (
     "fastbert.kernels.add_layer_norm",
-    "fastbert.kernels.linear_gelu",
-    "fastbert.kernels.attention",
 )
 
 # Shared memory a block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes.
