@@ -78,10 +78,9 @@ def attention_varlen(
     cu_seqlens[i]:cu_seqlens[i+1]. Returns [total_tokens, heads, head_dim]."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         out[start:end] = attention(qs, ks, vs, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1)
     return out
-

@@ -265,12 +265,12 @@ def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch
 
 
 # ----------------------------------------------------------------------------------------------- compile gate
-# (x, residual, weight) dtypes the public op passes: one dtype throughout; half activations with fp32 parameters;
-# and autocast's mix (half x from a Linear, fp32 residual stream and parameters). y has residual's dtype.
-DTYPE_COMBOS = (
-    ("fp32", "fp32", "fp32"), ("fp16", "fp16", "fp16"), ("bf16", "bf16", "bf16"),
-    ("fp16", "fp16", "fp32"), ("bf16", "bf16", "fp32"), ("fp16", "fp32", "fp32"), ("bf16", "fp32", "fp32"),
-)  # fmt: skip
+# (x, residual, weight) dtypes compiled by the gate; y has residual's dtype. The public op passes one dtype
+# throughout, half activations with fp32 parameters, or autocast's mix (half x from a Linear, fp32 residual stream
+# and parameters). fp16 compiles to the same code as bf16 but for the conversion instruction, and half
+# activations with fp32 parameters to the same code as the autocast mix but for the store: the gate covers one
+# of each pair to keep its cold compile time within CI's budget.
+DTYPE_COMBOS = (("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("bf16", "fp32", "fp32"))
 
 
 def gate_cases() -> list[GateCase]:

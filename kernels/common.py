@@ -28,7 +28,7 @@ def empty(shape, *, device, dtype):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (cached: the query is not free)."""
     import torch

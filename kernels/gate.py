@@ -16,9 +16,7 @@ import re
 import subprocess
 import tempfile
 
-KERNEL_MODULES = (
-    "fastbert.kernels.add_layer_norm",
-)
+KERNEL_MODULES = ("fastbert.kernels.add_layer_norm",)
 
 # Shared memory a block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -89,7 +87,9 @@ def run_gate(jobs: int | None = None, modules: tuple[str, ...] = KERNEL_MODULES)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the compile gate needs real @triton.jit functions: unset TRITON_INTERPRET")
     cases = list(all_cases(modules))
-    work = [(modules, i, arch) for i, case in enumerate(cases) for arch in ARCHS if case.archs is None or arch in case.archs]
+    work = [
+        (modules, i, arch) for i, case in enumerate(cases) for arch in ARCHS if case.archs is None or arch in case.archs
+    ]
     jobs = jobs or os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
@@ -112,6 +112,10 @@ if __name__ == "__main__":
         with open(ns.out, "w") as f:
             json.dump(results, f, indent=1)
     for r in results:
-        state = r["error"].splitlines()[0][:100] if r["error"] else f"shared={r['shared']} regs={r['registers']} spills={r['spill_stores']}"
+        state = (
+            r["error"].splitlines()[0][:100]
+            if r["error"]
+            else f"shared={r['shared']} regs={r['registers']} spills={r['spill_stores']}"
+        )
         print(f"sm_{r['arch']} {r['name']:48s} {state}")
     print(f"{len(results)} compilations in {time.time() - t0:.1f}s")

@@ -4,11 +4,11 @@ interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), dropout with the kern
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA
-from numerics import assert_matches_reference
 
+from conftest import DEVICE, HAS_CUDA
 from fastbert import ops, reference
 from fastbert.ops._common import draw_seed
+from numerics import assert_matches_reference
 
 
 def make_inputs(shape, dtype, param_dtype=None, device=DEVICE, seed=0):
@@ -43,7 +43,7 @@ def check_against_reference(x, r, w, b, dy, eps=1e-12, dropout_p=0.0, keep=None,
     )
     assert out.dtype == r.dtype
     assert_matches_reference(out, ref_out, eager_out, name="y")
-    for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads):
+    for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads, strict=True):
         assert g.dtype == eg.dtype, name
         assert_matches_reference(g, rg, eg, name=name)
 
@@ -131,7 +131,7 @@ def test_autocast_follows_pytorch_layer_norm():
     ref_out, ref_grads = run(lambda *t: reference.add_layer_norm(*t), [t.double() for t in (x, r, w, b)], dy.double())
     assert_matches_reference(out, ref_out, name="y")
     assert grads[0].dtype == torch.float16
-    for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads):
+    for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads, strict=True):
         assert_matches_reference(g, rg, eg if g.dtype != torch.float32 else None, name=name)
 
 

@@ -1,0 +1,105 @@
+"""The `fastbert` command.
+
+fastbert check      run every fused op (forward and backward) against its float64 reference on this machine's
+                    device — the GPU, or Triton's interpreter on CPU — and print a table of errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+HALF_ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _grads(fn: Callable, inputs: list[torch.Tensor], dy_seed: int = 1) -> list[torch.Tensor]:
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(dy_seed)
+    dy = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    out.backward(dy)
+    return [out.detach()] + [t.grad for t in leaves if t.requires_grad]
+
+
+def compare(name: str, fast: Callable, ref: Callable, inputs: list[torch.Tensor], labels: list[str]) -> list[dict]:
+    """Rows of the error table: each output / gradient of `fast` vs `ref` in float64, and eager (`ref` in the
+    inputs' dtype) vs float64; ok when the kernel's error <= 2x eager's + one ulp (fp32: 1e-5, relative)."""
+    got = _grads(fast, inputs)
+    want = _grads(ref, [t.double() if t.is_floating_point() else t for t in inputs])
+    eager = _grads(ref, inputs)
+    rows = []
+    for label, a, w, e in zip(["out", *labels], got, want, eager, strict=True):
+        scale = max(1.0, w.abs().max().item())
+        err, eager_err = _err(a, w), _err(e, w)
+        slack = HALF_ULP.get(a.dtype, 1e-5) * scale
+        ok = bool(torch.isfinite(a).all()) and err <= 2 * eager_err + slack
+        rows.append({"op": name, "tensor": label, "err": err, "eager_err": eager_err, "ok": ok})
+    return rows
+
+
+def check_add_layer_norm(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
+    from fastbert import ops, reference
+
+    M, N = (16384, 768) if big else (64, 96)
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(M, N, generator=g).to(device, dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    b = (0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    rows = compare("add_layer_norm", ops.add_layer_norm, reference.add_layer_norm, [x, r, w, b],
+                   ["dx", "dresidual", "dweight", "dbias"])  # fmt: skip
+    return [row | {"shape": f"{M}x{N}"} for row in rows]
+
+
+CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
+    "add_layer_norm": check_add_layer_norm,
+}
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Before any kernel module is imported: @triton.jit reads this when it decorates.
+        os.environ["TRITON_INTERPRET"] = "1"
+    device = torch.device("cuda" if cuda else "cpu")
+    where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (no CUDA device)"
+    dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.float16]
+    print(f"fastbert check on {where}")
+    header = f"{'op':16s} {'dtype':9s} {'shape':12s} {'tensor':10s} {'max err':>10s} {'eager err':>10s}  ok"
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for name, check in CHECKS.items():
+        if args.op and name not in args.op:
+            continue
+        for dtype in dtypes:
+            for row in check(device, dtype, cuda):
+                failures += not row["ok"]
+                print(f"{row['op']:16s} {str(dtype).removeprefix('torch.'):9s} {row['shape']:12s} {row['tensor']:10s} "
+                      f"{row['err']:10.3g} {row['eager_err']:10.3g}  {'yes' if row['ok'] else 'NO'}")  # fmt: skip
+    print(
+        f"{'all checks passed' if not failures else f'{failures} check(s) failed'} "
+        "(ok: error <= 2x eager PyTorch's in the same dtype + one ulp, against float64)"
+    )
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastbert", description="fastbert: Triton kernels for BERT encoders")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="run every fused op against its float64 reference and print the errors")
+    p.add_argument("--op", action="append", choices=sorted(CHECKS), help="only this op (repeatable)")
+    p.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

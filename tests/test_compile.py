@@ -1,0 +1,57 @@
+"""GPU compile gate: every Triton kernel of fastbert, in every configuration its launchers may pick, compiled for
+sm_80 and sm_90 on this machine (no GPU needed: ptxas runs on the CPU). Fails on a compile error, on shared
+memory above the target's limit, on a register spill, and on a 16-bit GEMM that does not use warp-group MMA on
+sm_90.
+
+Kernels join by listing their module in fastbert.kernels.gate.KERNEL_MODULES with a gate_cases() function. The
+compilations run in a subprocess without TRITON_INTERPRET (the interpreter replaces @triton.jit functions),
+started by conftest.py when the session begins so it overlaps the interpreter tests; these tests run last and
+read its results.
+"""
+
+import json
+
+import pytest
+
+from conftest import gate_results
+from fastbert.kernels import gate
+
+CASES = list(gate.all_cases())
+
+
+def _param(case, arch):
+    return pytest.param(case, arch, id=f"sm{arch}-{case.name}")
+
+
+@pytest.fixture(scope="session")
+def results():
+    by_key = {}
+    for r in gate_results():
+        by_key[(r["name"], r["arch"])] = r
+    return by_key
+
+
+def test_every_kernel_module_has_cases():
+    import importlib
+
+    for module in gate.KERNEL_MODULES:
+        assert importlib.import_module(module).gate_cases(), f"{module} registers no compile cases"
+    assert len({c.name for c in CASES}) == len(CASES), "gate case names must be unique"
+
+
+@pytest.mark.parametrize(
+    "case, arch",
+    [_param(c, a) for c in CASES for a in gate.ARCHS if c.archs is None or a in c.archs],
+)
+def test_compiles_for_gpu(results, case, arch):
+    r = results.get((case.name, arch))
+    assert r is not None, f"the gate did not report {case.name} on sm_{arch}"
+    assert r["error"] is None, r["error"]
+    assert r["shared"] <= gate.SHARED_LIMIT[arch], f"shared memory {r['shared']} B > sm_{arch}'s limit"
+    assert r["spill_stores"] == 0, f"{r['spill_stores']} register spill stores ({r['registers']} registers)"
+    if arch == 90 and case.expect_wgmma_sm90:
+        assert r["wgmma"], "expected warp-group MMA (wgmma) in the sm_90 TTGIR"
+
+
+def test_results_are_json_serialisable(results):
+    json.dumps(list(results.values()))
