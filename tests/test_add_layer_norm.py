@@ -4,6 +4,8 @@ interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), dropout with the kern
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import DEVICE, HAS_CUDA
 from fastbert import ops, reference
@@ -208,3 +210,23 @@ def test_bert_shapes_dropout_gpu(dtype):
     torch.manual_seed(5)
     keep = dropout_keep_mask(int(draw_seed().item()), 16384, 768, 0.1, DEVICE)
     check_against_reference(*make_inputs((16384, 768), dtype), dropout_p=0.1, keep=keep, seed=5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    hidden=st.integers(1, 300),
+    lead=st.sampled_from([(), (2,)]),
+    dropout=st.sampled_from([0.0, 0.5]),
+)
+def test_property_any_shape(rows, hidden, lead, dropout):
+    """Random shapes (hidden sizes that are no power of two, down to 1), with and without dropout."""
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    shape = (*lead, rows, hidden)
+    keep = None
+    if dropout:
+        torch.manual_seed(11)
+        n_rows = rows * (lead[0] if lead else 1)
+        keep = dropout_keep_mask(int(draw_seed().item()), n_rows, hidden, dropout, DEVICE).view(shape)
+    check_against_reference(*make_inputs(shape, torch.float32), dropout_p=dropout, keep=keep, seed=11)
