@@ -35,11 +35,11 @@ def pytest_collection_modifyitems(config, items):
             if "gpu" in item.keywords:
                 item.add_marker(skip)
     # The compile gate (tests/test_compile.py) compiles in a subprocess started now, overlapping the other tests
-    # (which run in this process, on one core); its tests go last and wait for the results.
+    # (which run in this process, mostly on one core); its tests go last and wait for the results.
     gate_items = [i for i in items if i.path.name == "test_compile.py"]
     if gate_items:
         items[:] = [i for i in items if i.path.name != "test_compile.py"] + gate_items
-        _start_gate(jobs=(os.cpu_count() or 1) if len(gate_items) == len(items) else 1)
+        _start_gate(jobs=os.cpu_count() or 1)
 
 
 _GATE: dict = {}
@@ -68,3 +68,9 @@ def gate_results() -> list[dict]:
             _GATE["results"] = json.load(f)
         os.unlink(_GATE["out"])
     return _GATE["results"]
+
+
+def pytest_unconfigure(config):
+    proc = _GATE.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.kill()
