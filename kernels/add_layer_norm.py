@@ -32,8 +32,9 @@ import triton.language as tl
 from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, num_programs_for
 
 MAX_HIDDEN = 8192
-# With dropout the backward holds the keep-mask as well, and spills past this width: wider rows get their
-# dropout from PyTorch in fastbert.ops (then this kernel runs without dropout).
+# Past this width the backward kernel runs out of registers if it also holds the dropout mask or the dweight /
+# dbias accumulators: wider rows take their dropout from PyTorch (in fastbert.ops) and their dweight / dbias
+# from a PyTorch reduction over the recomputed x̂ (in add_layer_norm_bwd). BERT-family models stay below it.
 MAX_HIDDEN_DROPOUT = 4096
 _MIN_BLOCK_N = 16
 
@@ -50,10 +51,11 @@ def fwd_config(n: int) -> tuple[int, int, int]:
 
 def bwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel: more live values per element than the forward (two
-    fp32 accumulator rows besides), so at most 8 elements per thread; 32 warps for N = 8192."""
+    fp32 accumulator rows besides), so smaller tiles: about 4-8 elements per thread (16 for the widest rows,
+    which hold no accumulators). Chosen so that the compile gate sees no spill on sm_80 or sm_90."""
     block_n = max(_MIN_BLOCK_N, triton.next_power_of_2(n))
-    block_m = max(1, min(16, 2048 // block_n))
-    num_warps = min(32, max(4, block_m * block_n // 256))
+    block_m = max(1, min(4, 1024 // block_n))
+    num_warps = min(16, max(4, block_m * block_n // 256))
     return block_m, block_n, num_warps
 
 
@@ -124,23 +126,24 @@ def _add_layer_norm_bwd_kernel(
     stride_residual_row,
     M,
     N,
+    tiles_per_program,
     dropout_threshold,
     dropout_scale,
     seed,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    PARAM_GRADS: tl.constexpr,  # accumulate dweight / dbias partials (rows up to MAX_HIDDEN_DROPOUT wide)
 ):
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
-    num_tiles = tl.cdiv(M, BLOCK_M)
-    for tile in range(pid, num_tiles, num_programs):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Each program owns a contiguous run of row tiles (tiles past the end are fully masked).
+    for i in range(tiles_per_program):
+        rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
@@ -168,11 +171,13 @@ def _add_layer_norm_bwd_kernel(
         if HAS_DROPOUT:
             dx = tl.where(keep, ds * dropout_scale, 0.0)
             tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += tl.sum(dy * xhat, axis=0)
-        db_acc += tl.sum(dy, axis=0)
+        if PARAM_GRADS:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
 
-    tl.store(dweight_partial_ptr + pid * N + cols, dw_acc, mask=col_ok)
-    tl.store(dbias_partial_ptr + pid * N + cols, db_acc, mask=col_ok)
+    if PARAM_GRADS:
+        tl.store(dweight_partial_ptr + pid * N + cols, dw_acc, mask=col_ok)
+        tl.store(dbias_partial_ptr + pid * N + cols, db_acc, mask=col_ok)
 
 
 @triton.jit
@@ -239,17 +244,24 @@ def add_layer_norm_bwd(
     dresidual = empty((M, N), device=x.device, dtype=residual.dtype)
     dx = empty((M, N), device=x.device, dtype=x.dtype) if has_dropout else None
     block_m, block_n, num_warps = bwd_config(N)
-    programs = max(1, min(num_programs_for(x.device), triton.cdiv(M, block_m)))
-    dw_partial = empty((programs, N), device=x.device, dtype=torch.float32)
-    db_partial = empty((programs, N), device=x.device, dtype=torch.float32)
+    tiles = triton.cdiv(M, block_m)
+    tiles_per_program = triton.cdiv(tiles, max(1, min(num_programs_for(x.device), tiles)))
+    programs = max(1, triton.cdiv(tiles, tiles_per_program))
+    param_grads = N <= MAX_HIDDEN_DROPOUT
+    dw_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
+    db_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
     _add_layer_norm_bwd_kernel[(programs,)](
         dy, x, residual, weight, mean, rstd,
         dresidual, dx if has_dropout else dresidual, dw_partial, db_partial,
         dy.stride(0), x.stride(0), residual.stride(0),
-        M, N, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout,
+        M, N, tiles_per_program, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout, PARAM_GRADS=param_grads,
         num_warps=num_warps,
     )  # fmt: skip
+    if not param_grads:
+        # Wide rows (see MAX_HIDDEN_DROPOUT): x̂ recomputed and reduced by PyTorch, in fp32, deterministically.
+        xhat = (x.float() + residual.float() - mean[:, None]) * rstd[:, None]
+        dw_partial, db_partial = (dy.float() * xhat).sum(0, keepdim=True), dy.float().sum(0, keepdim=True)
     dweight = dw_partial.sum(0).to(weight.dtype)
     dbias = db_partial.sum(0).to(weight.dtype)
     return dx, dresidual, dweight, dbias
@@ -285,8 +297,8 @@ def gate_cases() -> list[GateCase]:
                 cases.append(GateCase(
                     f"add_layer_norm_fwd-{tag}", _add_layer_norm_fwd_kernel,
                     {"x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}", "bias_ptr": f"*{wt}",
-                     "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x_row": "i64",
-                     "stride_residual_row": "i64", "stride_y_row": "i64", "M": "i32", "N": "i32", "eps": "fp32",
+                     "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x_row": "i32",
+                     "stride_residual_row": "i32", "stride_y_row": "i32", "M": "i32", "N": "i32", "eps": "fp32",
                      "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
                      "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr"},
                     {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop}, nw,
@@ -296,11 +308,12 @@ def gate_cases() -> list[GateCase]:
                     f"add_layer_norm_bwd-{tag}", _add_layer_norm_bwd_kernel,
                     {"dy_ptr": f"*{rt}", "x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}",
                      "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dresidual_ptr": f"*{rt}", "dx_ptr": f"*{xt}",
-                     "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32", "stride_dy_row": "i64",
-                     "stride_x_row": "i64", "stride_residual_row": "i64", "M": "i32", "N": "i32",
-                     "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr"},
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop}, nw,
+                     "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32", "stride_dy_row": "i32",
+                     "stride_x_row": "i32", "stride_residual_row": "i32", "M": "i32", "N": "i32",
+                     "tiles_per_program": "i32", "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64",
+                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
+                     "PARAM_GRADS": "constexpr"},
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "PARAM_GRADS": bn <= MAX_HIDDEN_DROPOUT}, nw,
                 ))  # fmt: skip
         block_n *= 2
     return cases
