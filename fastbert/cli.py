@@ -58,8 +58,26 @@ def check_add_layer_norm(device: torch.device, dtype: torch.dtype, big: bool) ->
     return [row | {"shape": f"{M}x{N}"} for row in rows]
 
 
+def check_linear_gelu(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
+    from fastbert import ops, reference
+
+    M, K, N = (16384, 768, 3072) if big else (64, 48, 96)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
+    b = (0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    rows = []
+    for approximate in ("none", "tanh"):
+        fast = lambda *t, a=approximate: ops.linear_gelu(*t, approximate=a)  # noqa: E731
+        ref = lambda *t, a=approximate: reference.linear_gelu(*t, approximate=a)  # noqa: E731
+        rows += [row | {"shape": f"{M}x{K}->{N}", "op": f"linear_gelu/{approximate}"}
+                 for row in compare("linear_gelu", fast, ref, [x, w, b], ["dx", "dweight", "dbias"])]  # fmt: skip
+    return rows
+
+
 CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
     "add_layer_norm": check_add_layer_norm,
+    "linear_gelu": check_linear_gelu,
 }
 
 
@@ -72,7 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (no CUDA device)"
     dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.float16]
     print(f"fastbert check on {where}")
-    header = f"{'op':16s} {'dtype':9s} {'shape':12s} {'tensor':10s} {'max err':>10s} {'eager err':>10s}  ok"
+    header = f"{'op':18s} {'dtype':9s} {'shape':16s} {'tensor':10s} {'max err':>10s} {'eager err':>10s}  ok"
     print(header)
     print("-" * len(header))
     failures = 0
@@ -82,7 +100,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for dtype in dtypes:
             for row in check(device, dtype, cuda):
                 failures += not row["ok"]
-                print(f"{row['op']:16s} {str(dtype).removeprefix('torch.'):9s} {row['shape']:12s} {row['tensor']:10s} "
+                print(f"{row['op']:18s} {str(dtype).removeprefix('torch.'):9s} {row['shape']:16s} {row['tensor']:10s} "
                       f"{row['err']:10.3g} {row['eager_err']:10.3g}  {'yes' if row['ok'] else 'NO'}")  # fmt: skip
     print(
         f"{'all checks passed' if not failures else f'{failures} check(s) failed'} "

@@ -1,0 +1,135 @@
+"""ops.linear_gelu: validation, dispatch, autograd and the torch.library custom ops around
+fastbert.kernels.linear_gelu."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastbert import reference
+from fastbert.ops._common import check_float, check_same_device, rows_view, use_triton
+
+APPROXIMATIONS = ("none", "tanh")
+
+
+def _kernels():
+    from fastbert.kernels import linear_gelu as k
+
+    return k
+
+
+@torch.library.custom_op("fastbert::linear_gelu_fwd", mutates_args=())
+def _fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str, store_preact: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = _kernels().linear_gelu_fwd(x, weight, bias, approximate, store_preact)
+    # Without store_preact an empty h says so (a custom op returns tensors, not None).
+    return y, (x.new_empty((0,)) if h is None else h)
+
+
+@_fwd.register_fake
+def _(x, weight, bias, approximate, store_preact):
+    M, N = x.shape[0], weight.shape[0]
+    return x.new_empty((M, N)), (x.new_empty((M, N)) if store_preact else x.new_empty((0,)))
+
+
+@torch.library.custom_op("fastbert::linear_gelu_bwd", mutates_args=())
+def _bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, has_bias: bool, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The incoming gradient may have any strides (even an expanded one): the kernel needs unit column stride.
+    dy = rows_view(dy, dy.shape[-1])
+    dx, dweight, dbias = _kernels().linear_gelu_bwd(dy, x, weight, h, has_bias, approximate)
+    return dx, dweight, (weight.new_empty((0,)) if dbias is None else dbias)
+
+
+@_bwd.register_fake
+def _(dy, x, weight, h, has_bias, approximate):
+    dbias = weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, approximate, store_preact = inputs
+    # h is an output only so it can be saved; the public op never returns it and its gradient is ignored.
+    _, h = output
+    ctx.save_for_backward(x, weight, bias, h)
+    ctx.approximate = approximate
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dh):
+    x, weight, bias, h = ctx.saved_tensors
+    if h.numel() != x.shape[0] * weight.shape[0]:
+        # Called without store_preact (only a direct caller of the custom op can do that): recompute h.
+        h = F.linear(x, weight, bias).contiguous()
+    dx, dweight, dbias = _bwd(dy, x, weight, h, ctx.has_bias, ctx.approximate)
+    return dx, dweight, (dbias if ctx.has_bias else None), None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _validate(x, weight, bias, approximate, autocast: bool) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if name == "bias" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        check_float(name, t)
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    check_same_device(x=x, weight=weight, bias=bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must equal weight's in_features {k}: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},) for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if k % 8 or n % 8:
+        raise ValueError(f"in_features and out_features must be multiples of 8, got weight {tuple(weight.shape)}")
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
+    if len(dtypes) > 1 and not autocast:
+        raise ValueError(f"x, weight and bias must have one dtype, got {', '.join(map(str, dtypes))}")
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, approximate: str = "none"
+) -> torch.Tensor:
+    """``gelu(x @ weight.T + bias)`` in one fused GEMM (BertIntermediate).
+
+    x: [..., in_features], any strides; weight: [out_features, in_features] (nn.Linear layout); bias:
+    [out_features] or None; one dtype (fp16, bf16 or fp32), in and out features multiples of 8.
+    ``approximate`` is "none" (exact erf GELU) or "tanh". Under ``torch.autocast`` it follows eager F.linear: the
+    inputs are cast to the autocast dtype and so is the result. Returns [..., out_features] in x's dtype (the
+    autocast dtype under autocast). CPU tensors run the eager reference unless TRITON_INTERPRET=1.
+    """
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    _validate(x, weight, bias, approximate, autocast)
+    if autocast:
+        dtype = _autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if not use_triton(x):
+        if autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                return reference.linear_gelu(x, weight, bias, approximate=approximate)
+        return reference.linear_gelu(x, weight, bias, approximate=approximate)
+
+    n, k = weight.shape
+    x2 = rows_view(x, k)
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )  # fmt: skip
+    y, _ = _fwd(x2, weight, bias, approximate, needs_grad)
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,310 @@
+"""Fused Linear + GELU: ``y = gelu(x @ weight.T + bias)``, what BERT's ``BertIntermediate`` does.
+
+x [M, K], weight [N, K] (nn.Linear layout), bias [N]. Forward, one tiled GEMM with fp32 accumulation (tl.dot:
+tensor cores for fp16 / bf16, TF32 or IEEE fp32 for float32 as torch.backends.cuda.matmul.allow_tf32 says) whose
+epilogue adds the bias and applies GELU before a single store:
+
+    h = x @ weight.T + bias                                   (fp32 accumulator)
+    y = h · Φ(h) = 0.5 · h · (1 + erf(h / √2))                approximate="none"
+    y = h · σ(2u),  u = √(2/π) · (h + 0.044715 h³)            approximate="tanh"  (0.5 (1 + tanh u) = σ(2u))
+
+Eager writes h (M·N) and reads it back for the GELU (another M·N read and write): the fused forward saves two
+of those three M·N passes, about a third of the traffic of a BERT intermediate layer's output.
+
+Backward, with h saved by the forward (STORE_PREACT, in the input dtype, like eager's saved Linear output):
+
+    dh = dy · gelu'(h)         gelu'(h) = Φ(h) + h · φ(h)   or   σ + 2 h σ (1 - σ) u'   (tanh form, σ = σ(2u))
+    dx = dh @ weight,  dweight = dhᵀ @ x,  dbias = Σ_rows dh
+
+dh and per-tile fp32 column sums of it come from one elementwise Triton kernel; the launcher sums the partials
+(deterministic, no atomics) and hands the two GEMMs to PyTorch (cuBLAS).
+
+Save or recompute h: storing it in the forward epilogue costs one M·N write there and one M·N read in the
+backward, while recomputing it costs a whole extra GEMM (2·M·N·K FLOPs, a third of the backward's GEMM work) for
+the same M·N read of its result. Saving wins, but only when a backward will run: the launcher stores h only when
+asked (STORE_PREACT=False at inference, so the forward writes y alone).
+
+A missing bias is a zero vector (one N-element read) rather than a second compiled variant of every GEMM.
+Limits: K and N multiples of 8. The forward kernel states 16-byte alignment to the compiler (vectorised,
+pipelined loads whatever the launch specialises on), so the launcher copies an x or weight whose base is not
+16-byte aligned or whose row stride is not a multiple of 8 elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert.kernels.common import GateCase, empty, interpreting
+
+_APPROX = {"none": 0, "tanh": 1}
+_MAX_M_BUCKET = 8192  # rows beyond this tune alike: the grid is large enough either way
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+def _config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+# fp16 / bf16 on Ampere and Hopper: 64 fp32 accumulators a thread, which leaves room for the GELU epilogue
+# (128 a thread, as in 128x256 tiles on 8 warps or 128x128 on 4, spills once the epilogue's erf is live).
+HALF_CONFIGS = (
+    _config(128, 128, 64, 8, 4),
+    _config(64, 128, 64, 4, 4),
+)
+# float32 (TF32 or IEEE): not BERT's training dtype; one moderate tile that fits registers in IEEE mode.
+FP32_CONFIGS = (_config(64, 64, 32, 4, 3),)
+# The interpreter: one small config (autotuning several needs a GPU driver). Blocks >= 16, as GPUs require.
+INTERPRETER_CONFIGS = (_config(32, 32, 32, 4, 1, group_m=2),)
+
+
+def _prune(configs, named_args, **kwargs):
+    """fp32 inputs tune over FP32_CONFIGS, half inputs over HALF_CONFIGS."""
+    if interpreting():
+        return configs
+    half = named_args["x_ptr"].dtype != torch.float32
+    wanted = HALF_CONFIGS if half else FP32_CONFIGS
+    keep = [c for c in configs if any(c.kwargs == w.kwargs and c.num_warps == w.num_warps for w in wanted)]
+    return keep or configs
+
+
+def m_bucket(m: int) -> int:
+    """The autotune key for the row count: the next power of two, capped, so varying batch sizes reuse tunings."""
+    return min(triton.next_power_of_2(max(m, 1)), _MAX_M_BUCKET)
+
+
+def bwd_config() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the elementwise backward kernel: 32 elements per thread."""
+    return 64, 64, 4
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _gelu_and_grad(h, APPROX: tl.constexpr, WANT_GRAD: tl.constexpr):
+    """(gelu(h), gelu'(h)) in fp32; the derivative only when WANT_GRAD (else 0)."""
+    if APPROX == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        y = h * cdf
+        if WANT_GRAD:
+            grad = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+        else:
+            grad = 0.0
+    else:
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        # σ(2u) = 1 / (1 + e^(-2u)): e^(-2u) overflows to inf for very negative u and σ goes to 0, never NaN.
+        sig = 1.0 / (1.0 + tl.exp(-2.0 * inner))
+        y = h * sig
+        if WANT_GRAD:
+            d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+            grad = sig + 2.0 * h * sig * (1.0 - sig) * d_inner
+        else:
+            grad = 0.0
+    return y, grad
+
+
+@triton.autotune(
+    configs=list(INTERPRETER_CONFIGS if interpreting() else HALF_CONFIGS + FP32_CONFIGS),
+    key=["M_BUCKET", "N", "K", "INPUT_PRECISION", "STORE_PREACT"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _linear_gelu_fwd_kernel(
+    x_ptr,  # [M, K], row stride stride_x_row, unit column stride
+    w_ptr,  # [N, K], row stride stride_w_row, unit column stride
+    b_ptr,  # [N]
+    y_ptr,  # [M, N] out, contiguous
+    h_ptr,  # [M, N] out, contiguous: the pre-activation (written only when STORE_PREACT)
+    M,
+    N,
+    K,
+    stride_x_row,
+    stride_w_row,
+    M_BUCKET,  # autotune key only (see m_bucket)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    APPROX: tl.constexpr,  # 0: exact erf GELU, 1: tanh form
+    STORE_PREACT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "tf32" or "ieee" (ignored for 16-bit inputs)
+):
+    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so weight tiles are reused from L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    # Rows and columns past the end are wrapped to valid ones (their results are never stored), so
+    # the loads need a mask along K only: fewer live predicates in the main loop.
+    x_rows = tl.multiple_of((rows % M).to(tl.int64) * stride_x_row, 8)
+    w_rows = tl.multiple_of((cols % N).to(tl.int64) * stride_w_row, 8)
+    # The launcher guarantees 16-byte aligned bases and row strides that are multiples of 8 elements (it copies
+    # other layouts): said here, so that the loads vectorise and pipeline whatever the call specialises on.
+    x_ptrs = tl.multiple_of(x_ptr + x_rows[:, None] + ks[None, :], [16, 16])  # [BLOCK_M, BLOCK_K]
+    w_ptrs = tl.multiple_of(w_ptr + w_rows[None, :] + ks[:, None], [16, 16])  # [BLOCK_K, BLOCK_N] = weightᵀ tile
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        # K is a multiple of 8, so this equals (k0 + ks) < K, and shows the mask constant over 8 elements.
+        k_ok = (k0 + ks) // 8 < K // 8
+        a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    row_ok = rows < M
+    col_ok = cols < N
+    h = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y, _ = _gelu_and_grad(h, APPROX, False)
+    # 64-bit tile base, 32-bit offsets within the tile: half the registers of 64-bit offsets per element.
+    tile_base = (pid_m * BLOCK_M).to(tl.int64) * N
+    out_offs = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(y_ptr + tile_base + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_PREACT:
+        tl.store(h_ptr + tile_base + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_gelu_bwd_kernel(
+    dy_ptr,  # [M, N], row stride stride_dy_row, unit column stride
+    h_ptr,  # [M, N] contiguous: the saved pre-activation
+    dh_ptr,  # [M, N] out, contiguous, in h's dtype
+    dbias_partial_ptr,  # [cdiv(M, BLOCK_M), N] out, fp32: column sums of dh per row tile
+    M,
+    N,
+    stride_dy_row,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    APPROX: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    dy = tl.load(dy_ptr + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + rows64[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    _, grad = _gelu_and_grad(h, APPROX, True)
+    dh = tl.where(mask, dy * grad, 0.0)
+    tl.store(dh_ptr + rows64[:, None] * N + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dbias_partial_ptr + pid_m * N + cols, tl.sum(dh, axis=0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype != torch.float32 or interpreting():
+        return "ieee" if interpreting() else "tf32"  # 16-bit inputs ignore it; the interpreter computes in fp32
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernel's alignment hints hold for it (16-byte aligned base, unit column stride, row
+    stride a multiple of 8 elements), else a contiguous copy."""
+    if t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
+def linear_gelu_fwd(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str, store_preact: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x2d [M, K] with unit column stride, weight [N, K] with unit column stride, bias [N] or None, one dtype.
+    Returns (y [M, N] contiguous, h [M, N] contiguous pre-activation when store_preact, else None)."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    assert K % 8 == 0 and N % 8 == 0 and weight.shape[1] == K, (x2d.shape, weight.shape)
+    y = empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    h = empty((M, N), device=x2d.device, dtype=x2d.dtype) if store_preact else None
+    if M == 0:
+        return y, h
+    x2d, weight = _aligned(x2d), _aligned(weight)
+    if bias is None:
+        bias = torch.zeros(N, device=x2d.device, dtype=x2d.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _linear_gelu_fwd_kernel[grid](
+        x2d, weight, bias, y, h if store_preact else y,
+        M, N, K, x2d.stride(0), weight.stride(0), m_bucket(M),
+        APPROX=_APPROX[approximate], STORE_PREACT=store_preact, INPUT_PRECISION=_input_precision(x2d.dtype),
+    )  # fmt: skip
+    return y, h
+
+
+def linear_gelu_bwd(
+    dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, has_bias: bool, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of linear_gelu_fwd from its saved pre-activation h [M, N] (contiguous). dy [M, N] with unit
+    column stride. Returns (dx [M, K], dweight [N, K], dbias [N] or None), in x2d's dtype."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    block_m, block_n, num_warps = bwd_config()
+    tiles_m = triton.cdiv(M, block_m)
+    dh = empty((M, N), device=x2d.device, dtype=h.dtype)
+    db_partial = empty((max(tiles_m, 1), N), device=x2d.device, dtype=torch.float32)
+    if M == 0:
+        db_partial.zero_()
+    else:
+        _linear_gelu_bwd_kernel[(tiles_m, triton.cdiv(N, block_n))](
+            dy, h, dh, db_partial, M, N, dy.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, APPROX=_APPROX[approximate], num_warps=num_warps,
+        )  # fmt: skip
+    # cuBLAS GEMMs with fp32 accumulation, as eager's Linear backward.
+    dx = torch.mm(dh, weight)
+    dweight = torch.mm(dh.t(), x2d)
+    dbias = db_partial.sum(0).to(weight.dtype) if has_bias else None
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------- compile gate
+def _fwd_signature(dt: str) -> dict[str, str]:
+    return {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "h_ptr": f"*{dt}",
+            "M": "i32", "N": "i32", "K": "i32", "stride_x_row": "i32", "stride_w_row": "i32", "M_BUCKET": "i32",
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
+            "APPROX": "constexpr", "STORE_PREACT": "constexpr", "INPUT_PRECISION": "constexpr"}  # fmt: skip
+
+
+# Both 16-bit dtypes (60 compilations, about 60 s cold on 2 cores). Should CI's budget tighten, fp16 can go: it
+# compiles to the same tiles, shared memory and registers as bf16 but for the MMA and conversion instructions.
+GATE_HALF_DTYPES = ("fp16", "bf16")
+
+
+def gate_cases() -> list[GateCase]:
+    """Every compilation the launchers may request: each autotune config of each dtype (fp32 in TF32 and IEEE
+    modes; fp16 and bf16), both GELU forms, with and without the pre-activation
+    store; the backward kernel per dtype and form."""
+    cases = []
+    fwd_variants = [(dt, "tf32", c) for dt in GATE_HALF_DTYPES for c in HALF_CONFIGS]
+    fwd_variants += [("fp32", p, c) for p in ("tf32", "ieee") for c in FP32_CONFIGS]
+    for dt, precision, cfg in fwd_variants:
+        kw = cfg.kwargs
+        for approx_name, approx in _APPROX.items():
+            for store in (False, True):
+                tag = (f"m{kw['BLOCK_M']}n{kw['BLOCK_N']}k{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}-{dt}"
+                       f"{'-' + precision if dt == 'fp32' else ''}-{approx_name}-preact{int(store)}")  # fmt: skip
+                cases.append(GateCase(
+                    f"linear_gelu_fwd-{tag}", _linear_gelu_fwd_kernel.fn, _fwd_signature(dt),
+                    dict(kw, APPROX=approx, STORE_PREACT=store, INPUT_PRECISION=precision),
+                    cfg.num_warps, cfg.num_stages, expect_wgmma_sm90=dt != "fp32",
+                ))  # fmt: skip
+    block_m, block_n, num_warps = bwd_config()
+    for dt in ("fp32", *GATE_HALF_DTYPES):
+        for approx_name, approx in _APPROX.items():
+            cases.append(GateCase(
+                f"linear_gelu_bwd-{dt}-{approx_name}", _linear_gelu_bwd_kernel,
+                {"dy_ptr": f"*{dt}", "h_ptr": f"*{dt}", "dh_ptr": f"*{dt}", "dbias_partial_ptr": "*fp32",
+                 "M": "i32", "N": "i32", "stride_dy_row": "i32",
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "APPROX": "constexpr"},
+                {"BLOCK_M": block_m, "BLOCK_N": block_n, "APPROX": approx}, num_warps,
+            ))  # fmt: skip
+    return cases

@@ -1,0 +1,199 @@
+"""ops.linear_gelu against the float64 reference: output and all three gradients, awkward shapes in the interpreter
+(fp32, fp16; one row, rows that are no multiple of a block), both GELU forms, with and without bias, strided and
+3-D inputs, autocast, bad input, and BERT shapes on GPU (fp16, bf16)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, HAS_CUDA
+from fastbert import reference
+from fastbert.ops import linear_gelu
+from numerics import assert_matches_reference
+
+
+def make_inputs(m_shape, k, n, dtype, device=DEVICE, seed=0, bias=True):
+    """x [*m_shape, k], weight [n, k] scaled like nn.Linear's init (pre-activations of order 1), bias, dy."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((*m_shape, k), generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(device, dtype) if bias else None
+    dy = torch.randn((*m_shape, n), generator=g).to(device, dtype)
+    return x, w, b, dy
+
+
+def run(fn, inputs, dy):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def check_against_reference(x, w, b, dy, approximate="none"):
+    """Kernel vs float64 reference (and eager in the kernel's dtype, for the half-precision rule)."""
+    fn = lambda x, w, b: linear_gelu(x, w, b, approximate=approximate)
+    ref_fn = lambda x, w, b: reference.linear_gelu(x, w, b, approximate=approximate)
+    out, grads = run(fn, (x, w, b), dy)
+    ref_out, ref_grads = run(ref_fn, [None if t is None else t.double() for t in (x, w, b)], dy.double())
+    eager_out, eager_grads = run(ref_fn, (x, w, b), dy)
+    assert out.dtype == x.dtype
+    assert_matches_reference(out, ref_out, eager_out, name="y")
+    for name, g, rg, eg in zip(("dx", "dweight", "dbias"), grads, ref_grads, eager_grads, strict=True):
+        if rg is None:
+            assert g is None, name
+            continue
+        assert g.dtype == eg.dtype, name
+        assert_matches_reference(g, rg, eg, name=name)
+
+
+# (k, n): in / out features, multiples of 8 that are and are not multiples of the interpreter's 32-wide blocks.
+FEATURES = [(16, 32), (24, 40), (64, 48)]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kn", FEATURES, ids=lambda kn: f"k{kn[0]}-n{kn[1]}")
+@pytest.mark.parametrize("m", [1, 7, 64, 130], ids=lambda m: f"m{m}")
+def test_matches_reference(m, kn, dtype, approximate):
+    check_against_reference(*make_inputs((m,), *kn, dtype), approximate=approximate)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m", [1, 130], ids=lambda m: f"m{m}")
+def test_without_bias(m, dtype, approximate):
+    check_against_reference(*make_inputs((m,), 24, 40, dtype, bias=False), approximate=approximate)
+
+
+def test_3d_input():
+    check_against_reference(*make_inputs((2, 5), 32, 48, torch.float32))
+
+
+def test_non_contiguous_input():
+    x, w, b, _ = make_inputs((9, 3), 40, 24, torch.float32)
+    xt = x.transpose(0, 1)  # [3, 9, 40] with row strides that are not the row length
+    assert not xt.is_contiguous()
+    dy = torch.randn(3, 9, 24, device=DEVICE)
+    check_against_reference(xt, w, b, dy)
+    wide = torch.randn(6, 100, device=DEVICE)
+    check_against_reference(wide[:, 8:72], *make_inputs((6,), 64, 16, torch.float32)[1:])
+
+
+def test_large_pre_activations_stay_finite():
+    # |h| in the hundreds: the tanh form's exponential overflows to inf, and must give gelu(h) = h or 0, not NaN.
+    x, w, b, dy = make_inputs((7,), 16, 32, torch.float32)
+    for approximate in ("none", "tanh"):
+        check_against_reference(x * 100, w, b, dy, approximate=approximate)
+
+
+def test_preactivation_stored_only_for_backward(monkeypatch):
+    from fastbert.kernels import linear_gelu as kernels
+
+    calls = []
+    launcher = kernels.linear_gelu_fwd
+    monkeypatch.setattr(kernels, "linear_gelu_fwd", lambda *a: calls.append(a[-1]) or launcher(*a))
+    x, w, b, _ = make_inputs((5,), 16, 32, torch.float32)
+    with torch.no_grad():
+        y = linear_gelu(x, w, b.requires_grad_())
+    torch.testing.assert_close(y, reference.linear_gelu(x, w, b), rtol=1e-5, atol=1e-5)
+    assert linear_gelu(x, w, b.detach()).grad_fn is None  # nothing requires grad: no autograd node
+    assert linear_gelu(x, w, b).grad_fn is not None
+    assert calls == [False, False, True]
+
+
+def test_autocast_follows_eager_linear():
+    # fp16 autocast (bf16 is wrong in the interpreter): fp32 inputs are cast, the result is fp16, like F.linear's.
+    x, w, b, dy = make_inputs((7,), 24, 40, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, grads = run(lambda *t: linear_gelu(*t), (x, w, b), dy.half())
+        eager_out, eager_grads = run(lambda *t: F.gelu(F.linear(*t)), (x, w, b), dy.half())
+    assert out.dtype == torch.float16 and eager_out.dtype == torch.float16
+    ref_out, ref_grads = run(reference.linear_gelu, [t.half().double() for t in (x, w, b)], dy.half().double())
+    assert_matches_reference(out, ref_out, eager_out, name="y")
+    for name, g, rg, eg in zip(("dx", "dweight", "dbias"), grads, ref_grads, eager_grads, strict=True):
+        assert g.dtype == torch.float32 == eg.dtype, name  # gradients flow back through the casts
+        err, eager_err = (g - rg).abs().max().item(), (eg - rg).abs().max().item()
+        assert err <= 2 * eager_err + 2.0**-10 * max(1.0, rg.abs().max().item()), name
+
+
+def test_cpu_without_interpreter_runs_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, b, _ = make_inputs((3,), 16, 32, torch.float32, device="cpu")
+    torch.testing.assert_close(linear_gelu(x, w, b), reference.linear_gelu(x, w, b))
+
+
+def test_zero_rows():
+    x, w, b, _ = make_inputs((0,), 16, 32, torch.float32)
+    assert linear_gelu(x, w, b).shape == (0, 32)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("features", "last dimension must equal"),
+        ("weight_1d", "weight must be 2-D"),
+        ("bias", "bias must have shape"),
+        ("k_not_8", "multiples of 8"),
+        ("n_not_8", "multiples of 8"),
+        ("dtype", "one dtype"),
+        ("int", "float16, bfloat16 or float32"),
+        ("approximate", "approximate must be one of"),
+        ("device", "one device"),
+    ],
+)
+def test_bad_input_raises_value_error(case, message):
+    x, w, b, _ = make_inputs((4,), 16, 32, torch.float32)
+    kwargs = {}
+    if case == "features":
+        x = x[:, :8]
+    elif case == "weight_1d":
+        w = w[0]
+    elif case == "bias":
+        b = b[:16]
+    elif case == "k_not_8":
+        x, w = x[:, :12], w[:, :12]
+    elif case == "n_not_8":
+        w, b = w[:20], b[:20]
+    elif case == "dtype":
+        w = w.half()
+    elif case == "int":
+        x = x.long()
+    elif case == "approximate":
+        kwargs["approximate"] = "sigmoid"
+    elif case == "device":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA device beside the CPU")
+        w = w.cpu()
+    with pytest.raises(ValueError, match=message):
+        linear_gelu(x, w, b, **kwargs)
+
+
+def test_opcheck():
+    import fastbert.ops._linear_gelu  # noqa: F401 - registers the custom ops
+
+    x, w, b, _ = make_inputs((5,), 16, 32, torch.float32)
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.fastbert.linear_gelu_fwd.default, (x, w, b, "none", True))
+    torch.library.opcheck(torch.ops.fastbert.linear_gelu_fwd.default, (x, w, None, "tanh", True))
+    torch.library.opcheck(torch.ops.fastbert.linear_gelu_fwd.default, (x.detach(), w, b, "none", False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kn", [(768, 3072), (1024, 4096)], ids=["h768", "h1024"])
+def test_bert_shapes_gpu(kn, dtype, approximate):
+    check_against_reference(*make_inputs((16384,), *kn, dtype), approximate=approximate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_gpu(tf32, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    x, w, b, dy = make_inputs((1000,), 768, 3072, torch.float32)
+    if not tf32:
+        check_against_reference(x, w, b, dy)
+        return
+    # TF32 rounds the inputs to 10 mantissa bits: compare with eager cuBLAS under the same setting.
+    y = linear_gelu(x, w, b)
+    torch.testing.assert_close(y, reference.linear_gelu(x, w, b), rtol=5e-3, atol=5e-3)
