@@ -75,9 +75,26 @@ def check_linear_gelu(device: torch.device, dtype: torch.dtype, big: bool) -> li
     return rows
 
 
+def check_attention(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
+    from fastbert import ops, reference
+
+    B, H, S, D = (32, 12, 512, 64) if big else (2, 2, 40, 32)
+    g = torch.Generator().manual_seed(0)
+    # [B, S, H, D] transposed to [B, H, S, D]: the strided views transformers hands over
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(device, dtype).transpose(1, 2) for _ in range(3))
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0] = S
+    mask = (torch.arange(S)[None, :] < lengths[:, None]).to(device)
+    fast = lambda q, k, v: ops.attention(q, k, v, mask)  # noqa: E731
+    ref = lambda q, k, v: reference.attention(q, k, v, mask)  # noqa: E731
+    rows = compare("attention", fast, ref, [q, k, v], ["dq", "dk", "dv"])
+    return [row | {"shape": f"{B}x{H}x{S}x{D}"} for row in rows]
+
+
 CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
     "add_layer_norm": check_add_layer_norm,
     "linear_gelu": check_linear_gelu,
+    "attention": check_attention,
 }
 
 

@@ -1,0 +1,244 @@
+"""ops.attention, ops.attention_varlen, unpad and pad: validation, dispatch, autograd and the torch.library custom
+ops around fastbert.kernels.attention."""
+
+from __future__ import annotations
+
+import torch
+
+from fastbert import reference
+from fastbert.ops._common import check_dropout_p, check_float, check_same_device, draw_seed, use_triton
+
+# Kept here (not imported from the kernel module) so that importing fastbert never imports Triton.
+HEAD_DIMS = (32, 64, 80, 96, 128)
+
+
+def _kernels():
+    from fastbert.kernels import attention as k
+
+    assert k.HEAD_DIMS == HEAD_DIMS
+    return k
+
+
+# One op pair serves both layouts: padded (cu_seqlens None) and varlen (mask None). Optional tensors keep the
+# schema single; max_seqlen is 0 for padded calls.
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens is None:
+        # [B, S, H, D] storage returned as a [B, H, S, D] view: out.transpose(1, 2).reshape(B, S, H·D) is free.
+        from fastbert.kernels.common import empty
+
+        B, H, S, D = q.shape
+        out = empty((B, S, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+        return _kernels().attention_fwd(q, k, v, mask, None, 0, scale, dropout_p, int(seed.item()), out=out)
+    return _kernels().attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, int(seed.item()))
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    B, H, S, D = q.shape
+    return q.new_empty((B, S, H, D)).transpose(1, 2)
+
+
+def _lse_numel(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return q.shape[0] * q.shape[1] * q.shape[2] if cu_seqlens is None else q.shape[0] * q.shape[1]
+
+
+@_fwd.register_fake
+def _(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    out = _empty_out(q) if cu_seqlens is None else torch.empty_like(q)
+    return out, q.new_empty((_lse_numel(q, cu_seqlens),), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def _bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    scale: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # do may have any strides (the kernels take all four); an expanded one (stride 0) is fine too.
+    return _kernels().attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p,
+                                    int(seed.item()))  # fmt: skip
+
+
+@_bwd.register_fake
+def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens, seed)
+    ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, mask, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd(dout, q, k, v, out, lse, mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_qkv(q, k, v, dims: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        check_float(name, t)
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head_dim {d} is unsupported: attention supports {HEAD_DIMS}")
+
+
+def _autocast(q, k, v):
+    """Under torch.autocast, run in the autocast dtype, as scaled_dot_product_attention does."""
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _seed(dropout_p: float) -> torch.Tensor:
+    return draw_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------- public ops
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``dropout(softmax(q kᵀ · scale, masked)) · v`` in one fused FlashAttention-2 kernel.
+
+    q: [batch, heads, seq_q, head_dim], k, v: [batch, heads, seq_k, head_dim], one dtype (fp16, bf16 or fp32), any
+    strides (transposed views are read in place); head_dim in (32, 64, 80, 96, 128). ``attention_mask``: None or
+    a [batch, seq_k] key-padding mask, bool or 0/1 integers, 1 = attend (any pattern, not only right padding); a
+    query whose keys are all masked gets zeros (and zero gradients). ``scale`` defaults to head_dim ** -0.5.
+    ``dropout_p`` > 0 drops probabilities inside the kernel (Philox, seeded from PyTorch's generator).
+
+    Returns [batch, heads, seq_q, head_dim] in q's dtype, stored as [batch, seq_q, heads, head_dim]: the result
+    is a transposed view, so ``out.transpose(1, 2).reshape(batch, seq_q, heads * head_dim)`` costs no copy.
+    CPU tensors run the eager reference unless TRITON_INTERPRET=1.
+    """
+    dropout_p = check_dropout_p(dropout_p)
+    _check_qkv(q, k, v, 4, "[batch, heads, seq, head_dim]")
+    B, H, _, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)} must agree on batch, heads and head_dim")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, k.shape[2]):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"attention_mask must be [batch, seq_k] = {(B, k.shape[2])}, got {shape}")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            raise ValueError(f"attention_mask must be bool or integer (1 = attend), got {attention_mask.dtype}")
+        check_same_device(q=q, attention_mask=attention_mask)
+    q, k, v = _autocast(q, k, v)
+    scale = _scale(q, scale)
+    if not use_triton(q):
+        return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=scale)
+    mask = None if attention_mask is None else (attention_mask != 0).to(torch.int8).contiguous()
+    out, _ = _fwd(q, k, v, mask, None, 0, scale, dropout_p, _seed(dropout_p))
+    return out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention within each packed sequence, no padding computed: q, k, v [total_tokens, heads, head_dim] (one
+    dtype, any strides), cu_seqlens [batch + 1] int32 (0, then cumulative lengths), max_seqlen >= the longest
+    length (as returned by unpad). Returns [total_tokens, heads, head_dim] contiguous. Dropout's keep-mask of
+    token t, head h is row ``h · total_tokens + t`` (see fastbert.kernels.attention)."""
+    dropout_p = check_dropout_p(dropout_p)
+    _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
+    if q.shape != k.shape:
+        raise ValueError(f"q, k and v must have one shape in varlen attention, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")  # fmt: skip
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [batch + 1], got {got}")
+    check_same_device(q=q, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()  # one sync: validation and max_seqlen need the values
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens = {q.shape[0]}, got {bounds[:1]}..."
+                         f"{bounds[-1:]} ({len(bounds)} entries)")  # fmt: skip
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if min(lengths) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing (monotone)")
+    if int(max_seqlen) < max(lengths):
+        raise ValueError(f"max_seqlen {max_seqlen} is below the longest sequence ({max(lengths)})")
+    q, k, v = _autocast(q, k, v)
+    scale = _scale(q, scale)
+    if not use_triton(q):
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p, scale=scale)
+    out, _ = _fwd(q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, _seed(dropout_p))
+    return out
+
+
+def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
+    """Pack the attended tokens of hidden [batch, seq, ...] (attention_mask [batch, seq], 1 = token) into
+    [total_tokens, ...]. Returns (packed, indices [total] int64 into batch·seq, cu_seqlens [batch + 1] int32,
+    max_seqlen int). Differentiable in hidden. Syncs once (max_seqlen)."""
+    if attention_mask.dim() != 2 or hidden.shape[:2] != attention_mask.shape:
+        raise ValueError(f"hidden [batch, seq, ...] {tuple(hidden.shape)} and attention_mask [batch, seq] "
+                         f"{tuple(attention_mask.shape)} must agree")  # fmt: skip
+    keep = attention_mask.reshape(-1) != 0
+    indices = torch.nonzero(keep).flatten()
+    lengths = (attention_mask != 0).sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max().item()) if lengths.numel() else 0
+    packed = hidden.reshape(-1, *hidden.shape[2:]).index_select(0, indices)
+    return packed, indices, cu_seqlens, max_seqlen
+
+
+def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Inverse of unpad: scatter packed [total, ...] back to [batch, seqlen, ...], zeros at padding.
+    Differentiable in packed."""
+    out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
+    out = out.index_put((indices,), packed)
+    return out.view(batch, seqlen, *packed.shape[1:])

@@ -1,0 +1,672 @@
+"""Fused attention (FlashAttention-2): ``out = dropout(softmax(q kᵀ · scale, masked)) · v`` without materialising
+the [seq_q, seq_k] score matrix.
+
+One kernel family serves two layouts:
+- padded: q, k, v [batch, heads, seq, head_dim] with arbitrary strides (transformers' transposed views are read
+  in place), plus an optional key-padding mask [batch, seq_k] (int8, 1 = attend), read once per key block, so
+  any mask works (left or right padding, holes);
+- varlen: packed q, k, v [total_tokens, heads, head_dim] with cu_seqlens [batch + 1] (int32); sequence b holds
+  tokens cu_seqlens[b]:cu_seqlens[b + 1]. The grid covers cdiv(max_seqlen, BLOCK_M) query blocks per (batch,
+  head); programs past their sequence's end exit at once.
+
+Forward, per block of queries (online softmax, fp32, base 2 with scale · log2(e) folded into the scores):
+
+    s = q kᵀ · scale · log2(e);   m' = max(m, rowmax(s));   p = 2^(s - m')
+    l = l · 2^(m - m') + rowsum(p);   acc = acc · 2^(m - m') + dropout(p) · v;   out = acc / l
+    lse = m + log2(l)     (saved, fp32, base 2; +inf for a query whose keys are all masked: its p is then 0)
+
+Backward (recomputes p from lse instead of storing it), with delta = rowsum(dout · out) from a preprocess kernel:
+
+    dv = dropout(p)ᵀ dout,   dp = dropout'(dout vᵀ),   ds = p · (dp - delta),   dk = dsᵀ q · scale,   dq = ds k · scale
+
+dk/dv come from one kernel looping over query blocks for a key block, dq from another looping over key blocks:
+no atomics, deterministic gradients. Dropout (Philox, common.dropout_keep) is regenerated in the backward; row id
+of query i of (b, h) is ``(b·heads + h)·seq_q + i`` padded and ``h·total_tokens + token`` varlen (the index of
+its lse); ``row_counters = cdiv(seq_k, 4)`` (seq_k = max_seqlen for varlen).
+
+Memory: eager attention writes and reads the [B, H, S, S] scores and probabilities several times (fwd + bwd);
+this reads q, k, v once per query/key block and stores out and lse (O(S) per head).
+
+Limits: head_dim in {32, 64, 80, 96, 128} (80 and 96 run in a 128-wide block with a mask on d); fp16, bf16,
+fp32 (fp32 uses IEEE dots: exact but slow, small tiles); a unit head_dim stride (other strides are copied first);
+offsets within one (batch, head) slice below 2^31 elements (ValueError otherwise). Mask, varlen and the sizes are
+runtime arguments; dropout is a compile-time flag (its Philox code would otherwise cost registers when unused).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, interpreting
+
+HEAD_DIMS = (32, 64, 80, 96, 128)
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------- tuning
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, dtypes, block_d values) a config applies to. BLOCK_M is the query
+# block, BLOCK_N the key block, in all three kernels. Kept short: every entry is compiled by the gate for each
+# dtype and head-dim block it applies to.
+_HALF = ("fp16", "bf16")
+# An optional 7th field limits an entry to calls with (True) or without (False) dropout: the forward's Philox
+# state costs registers, and the larger tiles spill with it (the compile gate showed it).
+_FWD_CONFIGS = (
+    (128, 64, 8, 2, _HALF, (32, 64), False),
+    (64, 64, 8, 2, _HALF, (32, 64), True),
+    (64, 64, 8, 2, _HALF, (128,), False),
+    (64, 32, 8, 2, _HALF, (128,), True),
+    (32, 32, 8, 1, ("fp32",), (32, 64)),
+    (16, 32, 8, 1, ("fp32",), (128,)),
+)
+# dk/dv holds two [BLOCK_N, BLOCK_D] fp32 accumulators and transposed tiles: smaller query blocks than dq.
+_DKDV_CONFIGS = (
+    (32, 64, 8, 2, _HALF, (32, 64)),
+    (16, 64, 8, 1, _HALF, (128,)),
+    (16, 32, 8, 1, ("fp32",), (32, 64, 128)),
+)
+_DQ_CONFIGS = (
+    (64, 64, 8, 2, _HALF, (32, 64)),
+    (32, 64, 8, 1, _HALF, (128,)),
+    (32, 32, 4, 1, ("fp32",), (32, 64)),
+    (16, 32, 8, 1, ("fp32",), (128,)),
+)
+_INTERPRETER_CONFIG = (32, 32, 4, 1)
+_PREPROCESS_BLOCK_M = 64
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[t.dtype]
+
+
+def _configs(table) -> list[triton.Config]:
+    if interpreting():
+        bm, bn, nw, ns = _INTERPRETER_CONFIG
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)]
+    unique = dict.fromkeys(entry[:4] for entry in table)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in unique]
+
+
+def _applicable(table, dtype: str, block_d: int, dropout: bool) -> list[tuple[int, int, int, int]]:
+    return [
+        entry[:4]
+        for entry in table
+        if dtype in entry[4] and block_d in entry[5] and (len(entry) < 7 or entry[6] == dropout)
+    ]
+
+
+def _pruner(table):
+    def prune(configs, named_args, **kwargs):
+        if interpreting():
+            return configs
+
+        def arg(name):
+            return kwargs.get(name, named_args.get(name))
+
+        keep = set(_applicable(table, _dtype_name(named_args["q_ptr"]), arg("BLOCK_D"), bool(arg("HAS_DROPOUT"))))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
+    return prune
+
+
+def seq_bucket(max_seqlen: int) -> int:
+    """Autotuning key of the sequence length: powers of two up to 1024, so variable shapes do not retune forever."""
+    return min(triton.next_power_of_2(max(1, max_seqlen)), 1024)
+
+
+# Runtime flags stay runtime (not constexpr) so that one compilation serves masked, varlen and dropout calls;
+# do_not_specialize keeps Triton from compiling a variant for each value 1.
+_RUNTIME_FLAGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "head_dim", "seq_bucket"]
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b):
+    # fp32 inputs: IEEE products (TF32 would miss the fp32 tolerance); half inputs: tensor cores, fp32 accumulate.
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
+    """(first token, query length, key length) of sequence b."""
+    start = 0
+    len_q = seq_q
+    len_k = seq_k
+    if is_varlen:
+        start = tl.load(cu_seqlens_ptr + b)
+        len_q = tl.load(cu_seqlens_ptr + b + 1) - start
+        len_k = len_q
+    return start, len_q, len_k
+
+
+@triton.autotune(configs=_configs(_FWD_CONFIGS), key=["seq_bucket", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)})  # fmt: skip
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+def _attention_fwd_kernel(
+    q_ptr,  # [B, H, Sq, D] (padded) or [total, H, D] (varlen: stride_qb = 0), any strides
+    k_ptr,  # [B, H, Sk, D] or [total, H, D]
+    v_ptr,  # like k
+    o_ptr,  # like q, out
+    lse_ptr,  # [B·H·Sq] (padded) or [H·total] (varlen), fp32 out, base 2
+    mask_ptr,  # [B, Sk] int8 key-padding mask (1 = attend), read iff has_mask
+    cu_seqlens_ptr,  # [B + 1] int32, read iff is_varlen
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mask_b,
+    seq_q,  # padded: Sq; varlen: total tokens
+    seq_k,  # padded: Sk; varlen: max_seqlen
+    heads,
+    head_dim,
+    qk_scale,  # scale · log2(e)
+    is_varlen,
+    has_mask,
+    dropout_threshold,
+    dropout_scale,  # 1 / (1 - p)
+    seed,
+    seq_bucket,  # autotuning key only
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    d_ok = offs_d < head_dim
+    tok_m = start + offs_m
+
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    # lse index doubles as the dropout row id (see the module docstring)
+    rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, len_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < len_k
+        tok_n = start + offs_n
+        kt = tl.load(k_base + tok_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
+        valid = n_ok
+        if has_mask:
+            valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_ok, other=0) != 0)
+        s = _dot(q, kt) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with no allowed key so far has m_new = -inf: subtract 0 instead, so p = 0 rather than NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        acc += _dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + tok_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+    lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
+    tl.store(lse_ptr + rows, lse, mask=m_ok)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+def _attention_bwd_preprocess_kernel(
+    o_ptr,  # like q
+    do_ptr,  # like q
+    delta_ptr,  # like lse, fp32 out: rowsum(do · o)
+    cu_seqlens_ptr,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    seq_q,
+    seq_k,
+    heads,
+    head_dim,
+    is_varlen,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < len_q)[:, None] & (offs_d < head_dim)[None, :]
+    tok_m = start + offs_m
+    o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + tok_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0)  # fmt: skip
+    do = tl.load(do_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + tok_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
+    tl.store(delta_ptr + rows, delta, mask=offs_m < len_q)
+
+
+@triton.autotune(configs=_configs(_DKDV_CONFIGS), key=["seq_bucket", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})  # fmt: skip
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+def _attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # like the forward's q, k, v, o
+    dk_ptr, dv_ptr,  # like k, v, out
+    lse_ptr, delta_ptr,  # fp32, indexed like the forward's lse
+    mask_ptr, cu_seqlens_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mask_b,
+    seq_q, seq_k, heads, head_dim,
+    sm_scale,  # scale (dk = dsᵀ q · scale)
+    qk_scale,  # scale · log2(e)
+    is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
+    seq_bucket,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
+    if pid_n * BLOCK_N >= len_k:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < len_k
+    d_ok = offs_d < head_dim
+    tok_n = start + offs_n
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=nd_mask, other=0.0)  # fmt: skip
+    v = tl.load(v_ptr + b64 * stride_vb + h64 * stride_vh + tok_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=nd_mask, other=0.0)  # fmt: skip
+    valid = n_ok
+    if has_mask:
+        valid = valid & (tl.load(mask_ptr + b64 * stride_mask_b + offs_n, mask=n_ok, other=0) != 0)
+
+    q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
+    do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
+    row_base = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start_m in range(0, len_q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < len_q
+        tok_m = start + offs_m
+        md_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
+        do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
+        rows = row_base + offs_m
+        # Queries past the end get lse = +inf, hence p = 0; so do those whose keys are all masked.
+        lse = tl.load(lse_ptr + rows, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_ptr + rows, mask=m_ok, other=0.0)
+        # Transposed tiles [BLOCK_N, BLOCK_M]: key rows, query columns.
+        st = _dot(k, tl.trans(q)) * qk_scale
+        pt = tl.where(valid[:, None], tl.math.exp2(st - lse[None, :]), 0.0)
+        dpt = _dot(v, tl.trans(do))
+        pt_drop = pt
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep_t = tl.trans(tl.where(keep, dropout_scale, 0.0))
+            pt_drop = pt * keep_t
+            dpt = dpt * keep_t
+        dv += _dot(pt_drop.to(do.dtype), do)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q)
+
+    dk = dk * sm_scale
+    tl.store(dk_ptr + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(dk_ptr.dtype.element_ty), mask=nd_mask)  # fmt: skip
+    tl.store(dv_ptr + b64 * stride_dvb + h64 * stride_dvh + tok_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)  # fmt: skip
+
+
+@triton.autotune(configs=_configs(_DQ_CONFIGS), key=["seq_bucket", "BLOCK_D"],
+                 prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})  # fmt: skip
+@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+def _attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,
+    dq_ptr,  # like q, out
+    lse_ptr, delta_ptr,
+    mask_ptr, cu_seqlens_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mask_b,
+    seq_q, seq_k, heads, head_dim,
+    sm_scale, qk_scale,
+    is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
+    seq_bucket,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    d_ok = offs_d < head_dim
+    tok_m = start + offs_m
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=md_mask, other=0.0)  # fmt: skip
+    do = tl.load(do_ptr + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)  # fmt: skip
+    rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
+    lse = tl.load(lse_ptr + rows, mask=m_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + rows, mask=m_ok, other=0.0)
+
+    k_base = k_ptr + b64 * stride_kb + h64 * stride_kh
+    v_base = v_ptr + b64 * stride_vb + h64 * stride_vh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, len_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < len_k
+        tok_n = start + offs_n
+        k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        vt = tl.load(v_base + tok_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
+        valid = n_ok
+        if has_mask:
+            valid = valid & (tl.load(mask_ptr + b64 * stride_mask_b + offs_n, mask=n_ok, other=0) != 0)
+        s = _dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, vt)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b64 * stride_dqb + h64 * stride_dqh + tok_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=md_mask)  # fmt: skip
+
+
+@triton.jit
+def _attention_keep_mask_kernel(
+    keep_ptr,  # [B·H·Sq, Sk] int8 out
+    seq_q, seq_k, dropout_threshold, seed,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M,
+                        BLOCK_N)  # fmt: skip
+    tl.store(keep_ptr + rows.to(tl.int64)[:, None] * seq_k + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _unit_d(t: torch.Tensor) -> torch.Tensor:
+    """Any batch / head / token strides are read in place; a head_dim stride other than 1 (rare) is copied, so
+    Triton always compiles the unit-stride variant the compile gate checks (it specialises an int equal to 1)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_offsets(*tensors: torch.Tensor) -> None:
+    """Offsets inside one (batch, head) slice are int32 (fewer registers than int64 tiles of offsets); the slice
+    base is int64. Say so rather than wrap around."""
+    for t in tensors:
+        token_dim = 2 if t.dim() == 4 else 0
+        if t.shape[token_dim] * abs(t.stride(token_dim)) + t.shape[-1] >= 2**31:
+            raise ValueError(f"attention: a tensor of shape {tuple(t.shape)} and strides {t.stride()} spans more "
+                             "than 2^31 elements within one head; split the batch")  # fmt: skip
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, head, token, d) strides: [B, H, S, D] as is, packed [total, H, D] with batch stride 0."""
+    if t.dim() == 4:
+        return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+class _Layout:
+    """Sizes shared by the launchers: padded [B, H, S, D] or packed [total, H, D] + cu_seqlens."""
+
+    def __init__(self, q, k, cu_seqlens, max_seqlen, mask):
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.batch, self.heads, self.head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
+            self.seq_q, self.seq_k, self.max_q = q.shape[0], max_seqlen, max_seqlen
+            self.cu = cu_seqlens
+        else:
+            self.batch, self.heads, self.seq_q, self.head_dim = q.shape
+            self.seq_k, self.max_q = k.shape[2], q.shape[2]
+            self.cu = torch.zeros(1, dtype=torch.int32, device=q.device)
+        self.has_mask = mask is not None
+        self.mask = mask if mask is not None else torch.ones((1, 1), dtype=torch.int8, device=q.device)
+        self.block_d = max(32, triton.next_power_of_2(self.head_dim))
+        self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
+
+    def flags(self, dropout_p: float, seed: int) -> tuple:
+        return (int(self.varlen), int(self.has_mask),
+                dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed, seq_bucket(self.max_q))  # fmt: skip
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int = 0,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded: q [B, H, Sq, D], k, v [B, H, Sk, D] (any strides), mask None or [B, Sk] int8 (1 = attend, unit
+    stride). Varlen: q, k, v [total, H, D], cu_seqlens [B + 1] int32, max_seqlen. ``out`` (optional, written
+    in place) may have any strides. Returns (out, lse fp32 base 2, indexed as described in the module docstring)."""
+    q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
+    assert out is None or out.stride(-1) == 1
+    _check_offsets(q, k, v, *([] if out is None else [out]))
+    lay = _Layout(q, k, cu_seqlens, max_seqlen, mask)
+    scale = lay.head_dim**-0.5 if scale is None else scale
+    if out is None:
+        out = empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
+    if q.numel() == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, lay.mask, lay.cu,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.mask.stride(0),
+        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed),
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int = 0,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of attention_fwd (same arguments, plus do like out and the saved out and lse). Returns
+    (dq, dk, dv), contiguous, in the inputs' shapes and dtype."""
+    do, q, k, v, out = _unit_d(do), _unit_d(q), _unit_d(k), _unit_d(v), _unit_d(out)
+    _check_offsets(do, q, k, v, out)
+    lay = _Layout(q, k, cu_seqlens, max_seqlen, mask)
+    scale = lay.head_dim**-0.5 if scale is None else scale
+    dq = empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = empty(k.shape, device=q.device, dtype=k.dtype)
+    dv = empty(v.shape, device=q.device, dtype=v.dtype)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(lay.max_q, _PREPROCESS_BLOCK_M), lay.batch * lay.heads)](
+        out, do, delta, lay.cu, *_strides(out), *_strides(do),
+        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
+        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d,
+    )  # fmt: skip
+    flags = lay.flags(dropout_p, seed)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    max_k = lay.max_q if lay.varlen else lay.seq_k
+    grid_k = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)  # noqa: E731
+    _attention_bwd_dkdv_kernel[grid_k](
+        q, k, v, do, dk, dv, lse, delta, lay.mask, lay.cu,
+        *common, *_strides(dk), *_strides(dv), lay.mask.stride(0),
+        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
+    _attention_bwd_dq_kernel[grid_q](
+        q, k, v, do, dq, lse, delta, lay.mask, lay.cu,
+        *common, *_strides(dq), lay.mask.stride(0),
+        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def dropout_keep_mask(
+    seed: int, batch: int, heads: int, seq_q: int, seq_k: int, p: float, device: torch.device
+) -> torch.Tensor:
+    """The bool keep-mask [batch, heads, seq_q, seq_k] padded attention applies to its probabilities for this seed
+    and p (for tests). For varlen, sequence b's mask is rows ``h·total + token`` of the [heads·total, max_seqlen]
+    mask this returns for (batch=1, heads, seq_q=total, seq_k=max_seqlen), columns 0:len_b."""
+    rows = batch * heads * seq_q
+    keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
+    _attention_keep_mask_kernel[(triton.cdiv(rows, 16), triton.cdiv(seq_k, 64))](
+        keep, rows, seq_k, dropout_threshold(p), seed, BLOCK_M=16, BLOCK_N=64
+    )
+    return keep.bool().view(batch, heads, seq_q, seq_k)
+
+
+# ----------------------------------------------------------------------------------------------- compile gate
+def _signature(names: str, dtype: str) -> dict[str, str]:
+    """Kernel signature from a compact spec: 'T' pointers get the input dtype, 'F' fp32 pointers, 'B' int8,
+    'C' int32 pointers, 'i' i32, 'l' i64, 'f' fp32 scalars, 'c' and '1' constexpr (the head_dim strides, always 1:
+    see _unit_d)."""
+    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "i": "i32", "l": "i64", "f": "fp32",
+             "c": "constexpr", "1": "constexpr"}  # fmt: skip
+    return {name: kinds[kind] for name, kind in (item.split(":") for item in names.split())}
+
+
+def _unit_strides(sig: str) -> dict[str, int]:
+    return {item.split(":")[0]: 1 for item in sig.split() if item.endswith(":1")}
+
+
+_STRIDES = "stride_{0}b:i stride_{0}h:i stride_{0}{1}:i stride_{0}d:1"
+_FLAGS = "is_varlen:i has_mask:i dropout_threshold:l dropout_scale:f seed:l seq_bucket:i"
+_FWD_SIG = (
+    "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F mask_ptr:B cu_seqlens_ptr:C "
+    + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))
+    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:i qk_scale:f " + _FLAGS
+    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c"
+)  # fmt: skip
+_BWD_COMMON = " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m")))
+_DKDV_SIG = (
+    "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dk_ptr:T dv_ptr:T lse_ptr:F delta_ptr:F mask_ptr:B cu_seqlens_ptr:C "
+    + _BWD_COMMON + " " + _STRIDES.format("dk", "n") + " " + _STRIDES.format("dv", "n")
+    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:i sm_scale:f qk_scale:f " + _FLAGS
+    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c"
+)  # fmt: skip
+_DQ_SIG = (
+    "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dq_ptr:T lse_ptr:F delta_ptr:F mask_ptr:B cu_seqlens_ptr:C "
+    + _BWD_COMMON + " " + _STRIDES.format("dq", "m")
+    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:i sm_scale:f qk_scale:f " + _FLAGS
+    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c"
+)  # fmt: skip
+_PRE_SIG = (
+    "o_ptr:T do_ptr:T delta_ptr:F cu_seqlens_ptr:C " + _STRIDES.format("o", "m") + " " + _STRIDES.format("do", "m")
+    + " seq_q:i seq_k:i heads:i head_dim:i is_varlen:i BLOCK_M:c BLOCK_D:c"
+)  # fmt: skip
+
+
+def _expect_wgmma(kind: str, dtype: str, bm: int, bn: int) -> bool:
+    """Whether sm_90 must compile this case to warp-group MMA (wgmma), as the gate found: 16-bit dots whose M
+    dimension (query block; key block for dk/dv) is at least 64. fp32 (IEEE) dots never use tensor cores."""
+    return dtype != "fp32" and (bn if kind == "dkdv" else bm) >= 64
+
+
+def gate_cases() -> list[GateCase]:
+    """Every compilation the launchers may request: each applicable config x dtype x head-dim block, for the
+    forward, the backward preprocess, dk/dv and dq kernels. Masks, varlen and dropout are runtime flags, so one
+    compilation covers them all."""
+    cases = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        for block_d in (32, 64, 128):
+            for (kind, fn, table, sig), drop in itertools.product(
+                (
+                    ("fwd", _attention_fwd_kernel.fn, _FWD_CONFIGS, _FWD_SIG),
+                    ("dkdv", _attention_bwd_dkdv_kernel.fn, _DKDV_CONFIGS, _DKDV_SIG),
+                    ("dq", _attention_bwd_dq_kernel.fn, _DQ_CONFIGS, _DQ_SIG),
+                ),
+                (False, True),
+            ):
+                for bm, bn, nw, ns in _applicable(table, dtype, block_d, drop):
+                    cases.append(GateCase(
+                        f"attention_{kind}-{dtype}-d{block_d}-drop{int(drop)}-m{bm}n{bn}w{nw}s{ns}", fn,
+                        _signature(sig, dtype),
+                        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "HAS_DROPOUT": drop} | _unit_strides(sig),
+                        nw, ns,
+                        expect_wgmma_sm90=_expect_wgmma(kind, dtype, bm, bn),
+                    ))  # fmt: skip
+            cases.append(GateCase(
+                f"attention_bwd_preprocess-{dtype}-d{block_d}", _attention_bwd_preprocess_kernel,
+                _signature(_PRE_SIG, dtype),
+                {"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_D": block_d} | _unit_strides(_PRE_SIG), 4,
+            ))  # fmt: skip
+    return cases

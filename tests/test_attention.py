@@ -1,0 +1,322 @@
+"""ops.attention / ops.attention_varlen against the float64 reference: output and dq, dk, dv, awkward shapes and
+masks in the interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), padded == varlen, dropout with the
+kernel's own keep-mask, bad input."""
+
+import pytest
+import torch
+
+from conftest import DEVICE, HAS_CUDA
+from fastbert import reference
+from fastbert.ops import attention, attention_varlen, pad, unpad
+from fastbert.ops._common import draw_seed
+from numerics import assert_matches_reference
+
+
+def make_inputs(b, h, sq, d, dtype, sk=None, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sk = sq if sk is None else sk
+    q = torch.randn(b, h, sq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, h, sk, d, generator=g).to(device, dtype)
+    v = torch.randn(b, h, sk, d, generator=g).to(device, dtype)
+    do = torch.randn(b, h, sq, d, generator=g).to(device, dtype)
+    return q, k, v, do
+
+
+def random_mask(b, s, seed=0, lengths=None):
+    """Right-padding mask with random lengths in [1, s] (or the given ones)."""
+    g = torch.Generator().manual_seed(seed)
+    if lengths is None:
+        lengths = torch.randint(1, s + 1, (b,), generator=g).tolist()
+    mask = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
+    return mask.to(DEVICE)
+
+
+def run(fn, inputs, do):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(do)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def check_against_reference(q, k, v, do, mask=None, dropout_p=0.0, keep=None, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    out, grads = run(lambda *t: attention(*t, mask, dropout_p=dropout_p), (q, k, v), do)
+    ref = lambda *t: reference.attention(*t, mask, dropout_p=dropout_p, keep=keep)  # noqa: E731
+    ref_out, ref_grads = run(ref, [t.double() for t in (q, k, v)], do.double())
+    eager_out, eager_grads = run(ref, (q, k, v), do)
+    assert out.dtype == q.dtype
+    assert_matches_reference(out, ref_out, eager_out, name="out")
+    for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads, strict=True):
+        assert g.dtype == eg.dtype, name
+        assert_matches_reference(g, rg, eg, name=name)
+    return out, grads
+
+
+SHAPES = [(1, 1, 1, 32), (2, 2, 17, 32), (1, 2, 64, 64), (3, 1, 100, 32), (1, 1, 33, 80)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}s{}d{}".format(*s))
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_matches_reference(shape, dtype, masked):
+    b, h, s, d = shape
+    mask = random_mask(b, s, seed=s) if masked else None
+    check_against_reference(*make_inputs(*shape, dtype), mask=mask)
+
+
+def test_cross_lengths_and_mask_patterns():
+    # seq_q != seq_k, a full row, a length-1 row and a mask with holes (not right padding)
+    q, k, v, do = make_inputs(3, 2, 17, 32, torch.float32, sk=40)
+    mask = random_mask(3, 40, lengths=[40, 1, 40])
+    mask[2, ::3] = False
+    check_against_reference(q, k, v, do, mask=mask)
+
+
+def test_fully_masked_row_gives_zeros_and_zero_grads():
+    q, k, v, do = make_inputs(2, 2, 17, 32, torch.float32)
+    mask = random_mask(2, 17, lengths=[5, 17])
+    mask[0] = False
+    out, grads = check_against_reference(q, k, v, do, mask=mask)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    for g in grads:
+        assert torch.equal(g[0], torch.zeros_like(g[0]))
+    # int 0/1 masks work the same as bool
+    out_int = attention(q, k, v, mask.to(torch.int64))
+    torch.testing.assert_close(out_int, out)
+
+
+def test_non_contiguous_inputs():
+    # transformers hands [B, S, H, D] projections transposed to [B, H, S, D]
+    b, h, s, d = 2, 2, 33, 32
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(b, s, h, d, generator=g).to(DEVICE).transpose(1, 2) for _ in range(4))
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, do, mask=random_mask(b, s, seed=1))
+
+
+def test_output_layout_makes_merge_free():
+    q, k, v, _ = make_inputs(2, 2, 17, 32, torch.float32)
+    out = attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()
+    assert out.transpose(1, 2).reshape(2, 17, 64).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_padded_with_mask_equals_varlen(dtype):
+    b, h, s, d = 3, 2, 40, 32
+    q, k, v, do = make_inputs(b, h, s, d, dtype)
+    mask = random_mask(b, s, lengths=[40, 1, 23])
+    real = mask[:, None, :, None]
+    do = do * real  # padded queries attend too: their gradient must not reach the real keys
+    out, grads = run(lambda *t: attention(*t, mask), (q, k, v), do)
+
+    def varlen(q, k, v):
+        packed = [unpad(t.transpose(1, 2), mask) for t in (q, k, v)]
+        (qp, idx, cu, mx), (kp, *_), (vp, *_) = packed
+        return pad(attention_varlen(qp, kp, vp, cu, mx), idx, b, s).transpose(1, 2)
+
+    vout, vgrads = run(varlen, (q, k, v), do)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
+    torch.testing.assert_close(vout * real, out * real, **tol)
+    for g, vg in zip(grads, vgrads, strict=True):
+        torch.testing.assert_close(vg * real, g * real, **tol)
+
+
+def test_varlen_matches_reference():
+    lengths = [5, 1, 37, 0, 16]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    total = sum(lengths)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(total, 2, 32, generator=g).to(DEVICE) for _ in range(4))
+    out, grads = run(lambda *t: attention_varlen(*t, cu, max(lengths)), (q, k, v), do)
+    ref_out, ref_grads = run(lambda *t: reference.attention_varlen(*t, cu, max(lengths)),
+                             [t.double() for t in (q, k, v)], do.double())  # fmt: skip
+    assert_matches_reference(out, ref_out, name="out")
+    for name, gr, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_matches_reference(gr, rg, name=name)
+
+
+def test_unpad_pad_round_trip():
+    hidden = torch.randn(3, 7, 4, device=DEVICE, requires_grad=True)
+    mask = random_mask(3, 7, lengths=[7, 2, 5])
+    mask[2, 0] = False  # left padding too
+    packed, idx, cu, mx = unpad(hidden, mask)
+    assert packed.shape == (13, 4) and cu.tolist() == [0, 7, 9, 13] and mx == 7 and cu.dtype == torch.int32
+    back = pad(packed, idx, 3, 7)
+    torch.testing.assert_close(back, hidden * mask[..., None])
+    back.sum().backward()
+    torch.testing.assert_close(hidden.grad, mask[..., None].float().expand(3, 7, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_dropout_matches_reference_with_kernel_mask(dtype, masked):
+    from fastbert.kernels.attention import dropout_keep_mask
+
+    b, h, s, d, p = 2, 2, 37, 32, 0.3
+    torch.manual_seed(1234)
+    seed = int(draw_seed().item())
+    keep = dropout_keep_mask(seed, b, h, s, s, p, DEVICE)
+    mask = random_mask(b, s, seed=2) if masked else None
+    check_against_reference(*make_inputs(b, h, s, d, dtype), mask=mask, dropout_p=p, keep=keep, seed=1234)
+
+
+def test_dropout_reproducible_and_keep_rate():
+    from fastbert.kernels.attention import dropout_keep_mask
+
+    q, k, v, _ = make_inputs(1, 2, 33, 32, torch.float32)
+    torch.manual_seed(7)
+    y1 = attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(7)
+    y2 = attention(q, k, v, dropout_p=0.2)
+    y3 = attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(y1, y3)
+    keep = dropout_keep_mask(99, 2, 4, 64, 128, 0.2, DEVICE)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.8) < 5 * (0.8 * 0.2 / n) ** 0.5
+    rows = keep.reshape(-1, 128)
+    assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
+
+
+def test_cpu_without_interpreter_runs_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, _ = make_inputs(2, 2, 9, 32, torch.float32, device="cpu")
+    mask = random_mask(2, 9, lengths=[9, 4]).cpu()
+    torch.testing.assert_close(attention(q, k, v, mask), reference.attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("rank", r"\[batch, heads, seq, head_dim\]"),
+        ("head_dim", "head_dim 48 is unsupported"),
+        ("dtype", "one dtype"),
+        ("int", "float16, bfloat16 or float32"),
+        ("kv_shape", "k and v must have one shape"),
+        ("batch", "must agree on batch"),
+        ("mask_shape", "attention_mask must be"),
+        ("mask_dtype", "bool or integer"),
+        ("dropout", "dropout_p"),
+        ("cu_dtype", "1-D int32"),
+        ("cu_monotone", "monotone"),
+        ("cu_end", "end at total_tokens"),
+        ("max_seqlen", "max_seqlen"),
+        ("device", "one device"),
+    ],
+)
+def test_bad_input_raises_value_error(case, message):
+    q, k, v, _ = make_inputs(2, 2, 8, 32, torch.float32)
+    mask, kwargs = None, {}
+    packed = q.transpose(1, 2).reshape(16, 2, 32)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE)
+    varlen = case.startswith("cu") or case == "max_seqlen"
+    mx = 8
+    if case == "rank":
+        q = q[0]
+    elif case == "head_dim":
+        q, k, v, _ = make_inputs(2, 2, 8, 48, torch.float32)
+    elif case == "dtype":
+        k = k.half()
+    elif case == "int":
+        q, k, v = q.long(), k.long(), v.long()
+    elif case == "kv_shape":
+        v = v[:, :, :4]
+    elif case == "batch":
+        k, v = k[:1], v[:1]
+    elif case == "mask_shape":
+        mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    elif case == "mask_dtype":
+        mask = torch.ones(2, 8, device=DEVICE)
+    elif case == "dropout":
+        kwargs["dropout_p"] = 1.0
+    elif case == "cu_dtype":
+        cu = cu.long()
+    elif case == "cu_monotone":
+        cu = torch.tensor([0, 12, 8, 16], dtype=torch.int32, device=DEVICE)
+    elif case == "cu_end":
+        cu = torch.tensor([0, 8, 15], dtype=torch.int32, device=DEVICE)
+    elif case == "max_seqlen":
+        mx = 4
+    elif case == "device":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA device beside the CPU")
+        k = k.cpu()
+    with pytest.raises(ValueError, match=message):
+        if varlen:
+            attention_varlen(packed, packed, packed, cu, mx, **kwargs)
+        else:
+            attention(q, k, v, mask, **kwargs)
+
+
+def test_opcheck():
+    q, k, v, _ = make_inputs(1, 2, 17, 32, torch.float32)
+    q.requires_grad_()
+    mask = random_mask(1, 17, lengths=[9]).to(torch.int8)
+    zero = torch.zeros(1, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, (q, k, v, mask, None, 0, 0.2, 0.0, zero))
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default,
+                          (q, k, v, None, None, 0, 0.2, 0.25, torch.tensor([5], dtype=torch.int64)))  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seq", [128, 512])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_bert_shapes_gpu(seq, dtype, masked):
+    mask = random_mask(32, seq, seed=seq) if masked else None
+    check_against_reference(*make_inputs(32, 12, seq, 64, dtype), mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128])
+def test_head_dims_gpu(head_dim, dtype):
+    check_against_reference(*make_inputs(4, 4, 300, head_dim, dtype), mask=random_mask(4, 300, seed=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_long_sequence_gpu(dtype):
+    check_against_reference(*make_inputs(1, 2, 8200, 64, dtype), mask=random_mask(1, 8200, lengths=[8100]))
+
+
+def test_varlen_dropout_matches_reference_with_kernel_mask():
+    from fastbert.kernels.attention import dropout_keep_mask
+
+    lengths, h, d, p = [9, 1, 30], 2, 32, 0.25
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    total, mx = bounds[-1], max(lengths)
+    g = torch.Generator().manual_seed(11)
+    q, k, v, do = (torch.randn(total, h, d, generator=g).to(DEVICE) for _ in range(4))
+    torch.manual_seed(99)
+    seed = int(draw_seed().item())
+    # varlen row id of (head, token) is head * total + token: the padded mask of (batch 1, seq_q = total)
+    keep = dropout_keep_mask(seed, 1, h, total, mx, p, DEVICE)[0]
+
+    def ref(q, k, v):
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            kb = keep[:, a:b, : b - a][None]
+            outs.append(reference.attention(qs, ks, vs, dropout_p=p, keep=kb)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    torch.manual_seed(99)
+    out, grads = run(lambda *t: attention_varlen(*t, cu, mx, dropout_p=p), (q, k, v), do)
+    ref_out, ref_grads = run(ref, [t.double() for t in (q, k, v)], do.double())
+    assert_matches_reference(out, ref_out, name="out")
+    for name, gr, rg in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_matches_reference(gr, rg, name=name)
+
+
+def test_autocast_runs_in_autocast_dtype():
+    q, k, v, _ = make_inputs(1, 2, 17, 32, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.float16
+    expected = reference.attention(q.half().double(), k.half().double(), v.half().double())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=2e-3)
