@@ -16,7 +16,11 @@ import re
 import subprocess
 import tempfile
 
-KERNEL_MODULES = ("fastbert.kernels.add_layer_norm",)
+KERNEL_MODULES = (
+    "fastbert.kernels.add_layer_norm",
+    "fastbert.kernels.linear_gelu",
+    "fastbert.kernels.attention",
+)
 
 # Shared memory a block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
