@@ -30,6 +30,10 @@ def add_layer_norm(
 ) -> torch.Tensor:
     """``layer_norm(dropout(x) + residual)`` over the last dimension (BertSelfOutput / BertOutput)."""
     s = _dropout(x, dropout_p, keep) + residual
+    if weight.dtype != s.dtype:
+        # Half activations with fp32 parameters: normalise in fp32, return the activations' dtype (what the
+        # kernel does; CUDA's layer_norm rejects the mix).
+        return F.layer_norm(s.float(), (s.shape[-1],), weight.float(), bias.float(), eps).to(s.dtype)
     return F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
 
 

@@ -96,9 +96,11 @@ def _add_layer_norm_fwd_kernel(
         x = tl.where(keep, x * dropout_scale, 0.0)
     s = x + r.to(tl.float32)
 
-    mean = tl.sum(s, axis=1) / N
+    # Correctly rounded divisions (Triton's fp32 `/` is approximate): with a near-zero variance rstd is huge
+    # and magnifies any error in a mean; at N = 1 an approximate mean gave dx != 0 on a GPU.
+    mean = tl.math.div_rn(tl.sum(s, axis=1), N * 1.0)
     centered = tl.where(mask, s - mean[:, None], 0.0)
-    var = tl.sum(centered * centered, axis=1) / N
+    var = tl.math.div_rn(tl.sum(centered * centered, axis=1), N * 1.0)
     rstd = 1.0 / tl.sqrt(var + eps)
 
     w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -162,8 +164,8 @@ def _add_layer_norm_bwd_kernel(
         # weight is re-read per tile (it stays in L1/L2) rather than held: at N = 8192 registers are the limit.
         w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         g = dy * w[None, :]
-        mean_g = tl.sum(g, axis=1) / N
-        mean_gx = tl.sum(g * xhat, axis=1) / N
+        mean_g = tl.math.div_rn(tl.sum(g, axis=1), N * 1.0)
+        mean_gx = tl.math.div_rn(tl.sum(g * xhat, axis=1), N * 1.0)
         ds = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
 
         out_offs = rows64[:, None] * N + cols[None, :]

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from fastbert import reference
 from fastbert.ops._common import (
+    call,
     check_dropout_p,
     check_float,
     check_same_device,
     draw_seed,
+    eager_function,
     rows_view,
     use_triton,
 )
@@ -28,8 +30,7 @@ def _kernels():
     return k
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_fwd", mutates_args=())
-def _fwd(
+def _fwd_impl(
     x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor,
@@ -41,6 +42,9 @@ def _fwd(
     return _kernels().add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, int(seed.item()))
 
 
+_fwd = torch.library.custom_op("fastbert::add_layer_norm_fwd", _fwd_impl, mutates_args=())
+
+
 @_fwd.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed):
     M, N = x.shape
@@ -48,8 +52,7 @@ def _(x, residual, weight, bias, eps, dropout_p, seed):
             x.new_empty((M,), dtype=torch.float32))  # fmt: skip
 
 
-@torch.library.custom_op("fastbert::add_layer_norm_bwd", mutates_args=())
-def _bwd(
+def _bwd_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -69,6 +72,9 @@ def _bwd(
     return (x.new_empty((0,)) if dx is None else dx), dresidual, dweight, dbias
 
 
+_bwd = torch.library.custom_op("fastbert::add_layer_norm_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
     dx = torch.empty_like(x) if dropout_p > 0.0 else x.new_empty((0,))
@@ -84,15 +90,19 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p = dropout_p
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    dx, dresidual, dweight, dbias = _bwd(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
-    if ctx.dropout_p == 0.0:
-        dx = dresidual.to(x.dtype)
-    return dx, dresidual, dweight, dbias, None, None, None
+def _backward_with(bwd):
+    def backward(ctx, dy, _dmean, _drstd):
+        x, residual, weight, mean, rstd, seed = ctx.saved_tensors
+        dx, dresidual, dweight, dbias = bwd(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+        if ctx.dropout_p == 0.0:
+            dx = dresidual.to(x.dtype)
+        return dx, dresidual, dweight, dbias, None, None, None
+
+    return backward
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
+_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def _validate(x, residual, weight, bias, autocast: bool) -> None:
@@ -150,5 +160,5 @@ def add_layer_norm(
         # Documented fallback: the fused backward would spill with the mask live at this width.
         x2, dropout_p = F.dropout(x2, dropout_p), 0.0
     seed = draw_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
-    y, _, _ = _fwd(x2, r2, weight, bias, float(eps), dropout_p, seed)
+    y, _, _ = call(_fwd, _eager, x2, r2, weight, bias, float(eps), dropout_p, seed)
     return y.view(residual.shape)

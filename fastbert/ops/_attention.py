@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 
 from fastbert import reference
-from fastbert.ops._common import check_dropout_p, check_float, check_same_device, draw_seed, use_triton
+from fastbert.ops._common import (
+    call,
+    check_dropout_p,
+    check_float,
+    check_same_device,
+    draw_seed,
+    eager_function,
+    use_triton,
+)
 
 # Kept here (not imported from the kernel module) so that importing fastbert never imports Triton.
 HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -21,8 +29,7 @@ def _kernels():
 
 # One op pair serves both layouts: padded (cu_seqlens None) and varlen (mask None). Optional tensors keep the
 # schema single; max_seqlen is 0 for padded calls.
-@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
-def _fwd(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -43,6 +50,9 @@ def _fwd(
     return _kernels().attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, int(seed.item()))
 
 
+_fwd = torch.library.custom_op("fastbert::attention_fwd", _fwd_impl, mutates_args=())
+
+
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
     B, H, S, D = q.shape
     return q.new_empty((B, S, H, D)).transpose(1, 2)
@@ -58,8 +68,7 @@ def _(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     return out, q.new_empty((_lse_numel(q, cu_seqlens),), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
-def _bwd(
+def _bwd_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,6 +87,9 @@ def _bwd(
                                     int(seed.item()))  # fmt: skip
 
 
+_bwd = torch.library.custom_op("fastbert::attention_bwd", _bwd_impl, mutates_args=())
+
+
 @_bwd.register_fake
 def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     return (
@@ -94,13 +106,17 @@ def _setup_context(ctx, inputs, output):
     ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _bwd(dout, q, k, v, out, lse, mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
-    return dq, dk, dv, None, None, None, None, None, None
+def _backward_with(bwd):
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask, cu_seqlens, seed = ctx.saved_tensors
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    return backward
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
+_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -135,6 +151,18 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 
 def _seed(dropout_p: float) -> torch.Tensor:
     return draw_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    bounds = cu_seqlens.tolist()  # one sync
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens = {total}, got {bounds[:1]}..."
+                         f"{bounds[-1:]} ({len(bounds)} entries)")  # fmt: skip
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if min(lengths) < 0:
+        raise ValueError("cu_seqlens must be non-decreasing (monotone)")
+    if int(max_seqlen) < max(lengths):
+        raise ValueError(f"max_seqlen {max_seqlen} is below the longest sequence ({max(lengths)})")
 
 
 # ----------------------------------------------------------------------------------------------- public ops
@@ -176,7 +204,7 @@ def attention(
     if not use_triton(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=scale)
     mask = None if attention_mask is None else (attention_mask != 0).to(torch.int8).contiguous()
-    out, _ = _fwd(q, k, v, mask, None, 0, scale, dropout_p, _seed(dropout_p))
+    out, _ = call(_fwd, _eager, q, k, v, mask, None, 0, scale, dropout_p, _seed(dropout_p))
     return out
 
 
@@ -203,20 +231,13 @@ def attention_varlen(
         got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [batch + 1], got {got}")
     check_same_device(q=q, cu_seqlens=cu_seqlens)
-    bounds = cu_seqlens.tolist()  # one sync: validation and max_seqlen need the values
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens = {q.shape[0]}, got {bounds[:1]}..."
-                         f"{bounds[-1:]} ({len(bounds)} entries)")  # fmt: skip
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    if min(lengths) < 0:
-        raise ValueError("cu_seqlens must be non-decreasing (monotone)")
-    if int(max_seqlen) < max(lengths):
-        raise ValueError(f"max_seqlen {max_seqlen} is below the longest sequence ({max(lengths)})")
+    if not torch.compiler.is_compiling():  # reading the values would break a compiled graph: eager checks them
+        _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = _autocast(q, k, v)
     scale = _scale(q, scale)
     if not use_triton(q):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p, scale=scale)
-    out, _ = _fwd(q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, _seed(dropout_p))
+    out, _ = call(_fwd, _eager, q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, _seed(dropout_p))
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import reference
-from fastbert.ops._common import check_float, check_same_device, rows_view, use_triton
+from fastbert.ops._common import call, check_float, check_same_device, eager_function, rows_view, use_triton
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -18,13 +18,15 @@ def _kernels():
     return k
 
 
-@torch.library.custom_op("fastbert::linear_gelu_fwd", mutates_args=())
-def _fwd(
+def _fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, approximate: str, store_preact: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, h = _kernels().linear_gelu_fwd(x, weight, bias, approximate, store_preact)
     # Without store_preact an empty h says so (a custom op returns tensors, not None).
     return y, (x.new_empty((0,)) if h is None else h)
+
+
+_fwd = torch.library.custom_op("fastbert::linear_gelu_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd.register_fake
@@ -33,14 +35,16 @@ def _(x, weight, bias, approximate, store_preact):
     return x.new_empty((M, N)), (x.new_empty((M, N)) if store_preact else x.new_empty((0,)))
 
 
-@torch.library.custom_op("fastbert::linear_gelu_bwd", mutates_args=())
-def _bwd(
+def _bwd_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, has_bias: bool, approximate: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The incoming gradient may have any strides (even an expanded one): the kernel needs unit column stride.
     dy = rows_view(dy, dy.shape[-1])
     dx, dweight, dbias = _kernels().linear_gelu_bwd(dy, x, weight, h, has_bias, approximate)
     return dx, dweight, (weight.new_empty((0,)) if dbias is None else dbias)
+
+
+_bwd = torch.library.custom_op("fastbert::linear_gelu_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd.register_fake
@@ -58,16 +62,20 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _dh):
-    x, weight, bias, h = ctx.saved_tensors
-    if h.numel() != x.shape[0] * weight.shape[0]:
-        # Called without store_preact (only a direct caller of the custom op can do that): recompute h.
-        h = F.linear(x, weight, bias).contiguous()
-    dx, dweight, dbias = _bwd(dy, x, weight, h, ctx.has_bias, ctx.approximate)
-    return dx, dweight, (dbias if ctx.has_bias else None), None, None
+def _backward_with(bwd):
+    def backward(ctx, dy, _dh):
+        x, weight, bias, h = ctx.saved_tensors
+        if h.numel() != x.shape[0] * weight.shape[0]:
+            # Called without store_preact (only a direct caller of the custom op can do that): recompute h.
+            h = F.linear(x, weight, bias).contiguous()
+        dx, dweight, dbias = bwd(dy, x, weight, h, ctx.has_bias, ctx.approximate)
+        return dx, dweight, (dbias if ctx.has_bias else None), None, None
+
+    return backward
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+_fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
+_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
@@ -131,5 +139,5 @@ def linear_gelu(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )  # fmt: skip
-    y, _ = _fwd(x2, weight, bias, approximate, needs_grad)
+    y, _ = call(_fwd, _eager, x2, weight, bias, approximate, needs_grad)
     return y.view(*x.shape[:-1], n)

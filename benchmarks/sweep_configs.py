@@ -1,0 +1,139 @@
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
+"""Tile-config sweep of the GEMM and attention forward kernels on a GPU (a tuning aid, not a benchmark result):
+each candidate launched directly (bypassing the autotuner), timed with CUDA events, with its registers and
+spills from the compiled kernel, beside the cuBLAS / SDPA floor.
+
+    python benchmarks/sweep_configs.py
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep_linear_gelu() -> None:
+    import torch.nn.functional as F
+
+    from fastbert.kernels import linear_gelu as lg
+
+    kern = lg._linear_gelu_fwd_kernel.fn
+    cands = [
+        (bm, bn, bk, w, s, gm)
+        for bm, bn, bk, w, s, gm in (
+            (128, 128, 64, 8, 4, 8),
+            (128, 128, 64, 4, 4, 8),
+            (128, 128, 64, 8, 3, 8),
+            (128, 256, 64, 8, 3, 8),
+            (256, 128, 64, 8, 3, 8),
+            (128, 256, 64, 8, 4, 8),
+            (64, 256, 64, 4, 4, 8),
+            (128, 128, 32, 4, 5, 8),
+            (128, 64, 64, 4, 4, 8),
+            (64, 128, 64, 4, 4, 8),
+            (128, 128, 64, 8, 5, 8),
+            (128, 256, 32, 8, 4, 8),
+        )
+    ]
+    for M, K in ((16384, 768), (16384, 1024), (4096, 768)):
+        N = 4 * K
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
+        b = torch.randn(N, device="cuda", dtype=torch.float16)
+        y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        floor = bench(lambda: F.linear(x, w, b))
+        print(f"linear_gelu fp16 {M}x{K}->{N}: F.linear+bias {floor:.4f} ms "
+              f"({2 * M * N * K / floor / 1e9:.0f} TFLOP/s)")  # fmt: skip
+        for bm, bn, bk, nw, ns, gm in cands:
+            for store in (False, True):
+                h = torch.empty_like(y)
+                grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+
+                def run(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, gm=gm, store=store, h=h, grid=grid):
+                    return kern[grid](x, w, b, y, h, M, N, K, K, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                      GROUP_M=gm, APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32",
+                                      num_warps=nw, num_stages=ns)  # fmt: skip
+
+                try:
+                    k = run()
+                    ms = bench(run)
+                    print(f"  {bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns} store={int(store)}  {ms:.4f} ms  "
+                          f"{2 * M * N * K / ms / 1e9:5.0f} TFLOP/s  {ms / floor:5.2f}x floor  regs {k.n_regs} "
+                          f"spills {k.n_spills}", flush=True)  # fmt: skip
+                except Exception as e:  # noqa: BLE001 - a config that does not fit is a result too
+                    print(f"  {bm}x{bn}x{bk} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
+
+
+def sweep_attention() -> None:
+    import torch.nn.functional as F
+
+    from fastbert.kernels import attention as at
+
+    kern = at._attention_fwd_kernel.fn
+    B, H, D = 32, 12, 64
+    cands = [
+        (bm, bn, w, s)
+        for bm, bn, w, s in (
+            (128, 64, 8, 2),
+            (128, 64, 4, 2),
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 128, 8, 3),
+            (64, 64, 4, 2),
+            (64, 64, 4, 3),
+            (64, 128, 4, 3),
+            (128, 32, 4, 3),
+            (64, 32, 4, 2),
+            (128, 64, 4, 4),
+        )
+    ]
+    for S in (128, 512, 1024):
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(3))
+        lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
+        mask = (torch.arange(S, device="cuda")[None, :] < lens[:, None]).to(torch.int8)
+        flops = 4 * B * H * S * S * D
+        floor = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        print(f"attention fp16 B{B} H{H} S{S} D{D}: SDPA (no mask) {floor:.4f} ms ({flops / floor / 1e9:.0f} TFLOP/s)")
+        o = torch.empty_like(q)
+        lse = torch.empty(B * H * S, device="cuda", dtype=torch.float32)
+        cu = torch.zeros(1, dtype=torch.int32, device="cuda")
+        for bm, bn, nw, ns in cands:
+            for masked in (False, True):
+
+                def run(bm=bm, bn=bn, nw=nw, ns=ns, masked=masked):
+                    grid = (triton.cdiv(S, bm), B * H)
+                    return kern[grid](
+                        q, k, v, o, lse, mask, cu, *at._strides(q), *at._strides(k), *at._strides(v),
+                        *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked),
+                        0, 1.0, 0, 512, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HAS_DROPOUT=False,
+                        num_warps=nw, num_stages=ns)  # fmt: skip
+
+                try:
+                    kk = run()
+                    ms = bench(run)
+                    print(f"  {bm:3d}x{bn:3d} w{nw} s{ns} mask={int(masked)}  {ms:.4f} ms  "
+                          f"{flops / ms / 1e9:5.0f} TFLOP/s (all tokens)  regs {kk.n_regs} spills {kk.n_spills}",
+                          flush=True)  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {bm}x{bn} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
+
+
+if __name__ == "__main__":
+    harness.no_cuda_exit("sweep_configs")
+    print(harness.header())
+    which = sys.argv[1:] or ["linear_gelu", "attention"]
+    if "linear_gelu" in which:
+        sweep_linear_gelu()
+    if "attention" in which:
+        sweep_attention()
