@@ -217,11 +217,16 @@ def attention_varlen(
     *,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention within each packed sequence, no padding computed: q, k, v [total_tokens, heads, head_dim] (one
     dtype, any strides), cu_seqlens [batch + 1] int32 (0, then cumulative lengths), max_seqlen >= the longest
     length (as returned by unpad). Returns [total_tokens, heads, head_dim] contiguous. Dropout's keep-mask of
-    token t, head h is row ``h · total_tokens + t`` (see fastbert.kernels.attention)."""
+    token t, head h is row ``h · total_tokens + t`` (see fastbert.kernels.attention).
+
+    ``validate`` reads cu_seqlens on the host to check it (one device sync). Pass False only for a cu_seqlens
+    built by ``unpad`` (fastbert.optimize does, once per forward): wrong offsets would read out of bounds. Under
+    torch.compile the values are never read (that would break the graph)."""
     dropout_p = check_dropout_p(dropout_p)
     _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
     if q.shape != k.shape:
@@ -231,7 +236,8 @@ def attention_varlen(
         got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [batch + 1], got {got}")
     check_same_device(q=q, cu_seqlens=cu_seqlens)
-    if not torch.compiler.is_compiling():  # reading the values would break a compiled graph: eager checks them
+    # Reading the values would break a compiled graph: eager calls check them.
+    if validate and not torch.compiler.is_compiling():
         _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = _autocast(q, k, v)
     scale = _scale(q, scale)

@@ -1,0 +1,320 @@
+"""fastbert.optimize / fastbert.restore: swap the hot paths of a HuggingFace BERT-family model for fastbert's
+fused ops, in place, sharing every parameter.
+
+How it plugs in (transformers 5.x):
+- Attention: fastbert's attention function is registered in transformers' AttentionInterface under the name
+  "fastbert", together with a matching AttentionMaskInterface function (without it transformers silently hands
+  custom attention no padding mask). The mask function returns the [batch, seq] key-padding mask, or None when
+  nothing is padded. The model's config then names "fastbert" as its attention implementation.
+- Residual + LayerNorm (BertSelfOutput, BertOutput and the RoBERTa twins): their forward becomes
+  ``ops.add_layer_norm(dense(h), residual, ...)`` (dropout inside the kernel in training).
+- BertIntermediate with a GELU activation: ``ops.linear_gelu``.
+- Unpad once: when the batch has padding, the encoder packs the real tokens once before the first layer, every
+  layer runs on [tokens, hidden] with ``ops.attention_varlen``, and the padded layout is restored at the end.
+  Padding positions of the result are then zeros (transformers computes values nobody should read there).
+
+Modules are changed by swapping their class for a subclass that only overrides ``forward`` (no new parameters,
+buffers or submodules), so state_dict keys and values are identical and ``restore`` swaps the classes back.
+Anything that cannot be accelerated keeps transformers' code, and the summary says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from fastbert import ops
+
+ATTN_NAME = "fastbert"
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+# transformers' hidden_act names that have a fused form, and the GELU form each means
+GELU_FORMS = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+_ADD_LN_CLASSES = {"SelfOutput", "Output"}  # BertSelfOutput, BertOutput, RobertaSelfOutput, ...
+_PREFIXES = ("Bert", "Roberta", "XLMRoberta")
+
+
+@dataclasses.dataclass
+class Summary:
+    """What fastbert.optimize changed (``accelerated``: part -> count) and what it left alone, with why."""
+
+    accelerated: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = ["fastbert.optimize:"]
+        lines += [f"  accelerated {n} x {part}" for part, n in self.accelerated.items()]
+        lines += [f"  kept {part}: {why}" for part, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+@dataclasses.dataclass
+class VarlenBatch:
+    """Stands in for the attention mask while the encoder runs on packed tokens (see _FastEncoder)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def _capturing(kind: str) -> bool:
+    """True when transformers is recording per-layer outputs of this kind ("attentions", "hidden_states") for
+    the current forward (output_attentions / output_hidden_states)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # an older layout: look in utils.generic
+        try:
+            from transformers.utils.generic import _active_collector
+        except ImportError:
+            return True  # unknown: assume recording, which only ever costs speed
+    collected = _active_collector.get()
+    return bool(collected) and kind in collected
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function ("fastbert"): q, k, v [batch, heads, seq, head_dim] (transposed views),
+    attention_mask None or the [batch, seq] padding mask from mask_function, or a VarlenBatch (packed
+    [tokens, ...] layout). Returns (out [batch, seq, heads, head_dim] or [tokens, heads, head_dim], None)."""
+    if _capturing("attentions"):
+        # output_attentions=True: the probabilities must exist, which the fused kernel never materialises.
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        return eager_attention_forward(module, query, key, value, _as_4d(attention_mask, query), dropout=dropout,
+                                       scaling=scaling, **kwargs)  # fmt: skip
+    if isinstance(attention_mask, VarlenBatch):
+        # The layer viewed [tokens, hidden] as [tokens, heads, head_dim] and transposed: undo the transpose.
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = ops.attention_varlen(q, k, v, attention_mask.cu_seqlens, attention_mask.max_seqlen, dropout_p=dropout,
+                                   scale=scaling, validate=False)  # fmt: skip
+        return out, None
+    out = ops.attention(query, key, value, attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _as_4d(mask, query):
+    """The additive 4D mask eager attention expects, from a [batch, seq] padding mask (None stays None)."""
+    if mask is None:
+        return None
+    if isinstance(mask, VarlenBatch):
+        raise RuntimeError("fastbert: per-layer attentions requested inside a packed encoder run")
+    neg = torch.finfo(query.dtype).min
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask.bool(), neg)[
+        :, None, None, :
+    ]
+
+
+def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):  # fmt: skip
+    """transformers AttentionMaskInterface function ("fastbert"): the [batch, kv_length] bool padding mask, or
+    None when no token is padded (checked on the host unless tracing or capturing a CUDA graph)."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return attention_mask
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def register() -> None:
+    """Register "fastbert" in transformers' attention and attention-mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, mask_function)
+
+
+# ----------------------------------------------------------------------------------------------- module forwards
+def _add_ln_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+    ln = self.LayerNorm
+    p = self.dropout.p if self.training else 0.0
+    return ops.add_layer_norm(self.dense(hidden_states), input_tensor, ln.weight, ln.bias, ln.eps, dropout_p=p)
+
+
+def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias, approximate=self._fastbert_gelu)
+
+
+def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                     encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):  # fmt: skip
+    """Unpad once: pack the real tokens, run every layer on them, restore the padded layout."""
+    base = super(type(self), self).forward
+    packable = (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 2
+        and encoder_hidden_states is None
+        and past_key_values is None
+        and not torch.compiler.is_compiling()
+        and not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
+        and not _capturing("hidden_states")
+        and not _capturing("attentions")
+    )
+    if not packable:
+        return base(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                    past_key_values=past_key_values, use_cache=use_cache, **kwargs)  # fmt: skip
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+    B, S = attention_mask.shape
+    packed, indices, cu_seqlens, max_seqlen = ops.unpad(hidden_states, attention_mask)
+    batch = VarlenBatch(cu_seqlens, max_seqlen)
+    kwargs.pop("position_ids", None)  # per-token positions were consumed by the embeddings
+    for layer in self.layer:
+        packed = layer(packed, batch, None, encoder_attention_mask=None, past_key_values=None, **kwargs)
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=ops.pad(packed, indices, B, S))
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap(module: nn.Module, forward, tag: str) -> None:
+    """Give module a subclass of its class whose forward is ``forward`` (cached per class)."""
+    cls = type(module)
+    key = (cls, tag)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Fastbert{cls.__name__}", (cls,), {"forward": forward, "_fastbert_base": cls})
+    module.__class__ = _SUBCLASSES[key]
+
+
+def _is_swapped(module: nn.Module) -> bool:
+    return "_fastbert_base" in type(module).__dict__
+
+
+# ----------------------------------------------------------------------------------------------- optimize
+def _find_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside ``model``: itself, or a sentence-transformers model's first module's."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "model_type"):
+        return model
+    first = next(iter(model.children()), None) if isinstance(model, nn.Sequential) else None
+    inner = getattr(first, "auto_model", None)
+    if inner is not None and hasattr(getattr(inner, "config", None), "model_type"):
+        return inner
+    raise ValueError(f"fastbert.optimize supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)} "
+                     f"(BertModel, BertFor*, RobertaModel, RobertaFor*, XLM-R) and sentence-transformers models "
+                     f"wrapping one; got {type(model).__name__}")  # fmt: skip
+
+
+def _part(module: nn.Module) -> str | None:
+    """Which swappable part a module is, from its class name: "attention", "add_ln", "intermediate",
+    "encoder", or None."""
+    name = type(module).__name__
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            rest = name[len(prefix) :]
+            if rest == "SelfAttention":
+                return "attention"
+            if rest in _ADD_LN_CLASSES:
+                return "add_ln"
+            if rest == "Intermediate":
+                return "intermediate"
+            if rest == "Encoder":
+                return "encoder"
+    return None
+
+
+def _attention_blocker(hf: nn.Module, attn_modules: list[nn.Module]) -> str | None:
+    cfg = hf.config
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+        return "decoder / cross-attention configuration (fastbert accelerates bidirectional encoders)"
+    if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"position_embedding_type={cfg.position_embedding_type!r} (relative positions) is not fused"
+    if not attn_modules:
+        return "no self-attention module found"
+    head_dims = {m.attention_head_size for m in attn_modules}
+    bad = head_dims - set(ops._attention.HEAD_DIMS)
+    if bad:
+        return f"head_dim {sorted(bad)} unsupported (fused attention takes {ops._attention.HEAD_DIMS})"
+    return None
+
+
+def optimize(model: nn.Module) -> nn.Module:
+    """Accelerate a HuggingFace BERT / RoBERTa / XLM-R model (any head) or a sentence-transformers model wrapping
+    one, in place; returns it. Parameters are shared, never copied. Idempotent; undo with fastbert.restore.
+    ``model.fastbert_summary`` (also returned by ``fastbert.summary(model)``) says what was accelerated and what
+    was kept, and why."""
+    hf = _find_model(model)
+    if getattr(hf, "fastbert_summary", None) is not None:
+        return model
+    if hf.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"fastbert.optimize supports model types {SUPPORTED_MODEL_TYPES}; got "
+                         f"{hf.config.model_type!r} ({type(hf).__name__})")  # fmt: skip
+    summary = Summary()
+    parts: dict[str, list[nn.Module]] = {}
+    for module in hf.modules():
+        part = _part(module)
+        if part is not None:
+            parts.setdefault(part, []).append(module)
+
+    # attention: through transformers' registries, for the whole model (the implementation is per config)
+    attn_modules = parts.get("attention", [])
+    blocker = _attention_blocker(hf, attn_modules)
+    configs = {id(m.config): m.config for m in attn_modules} | {id(hf.config): hf.config}
+    previous = {k: c._attn_implementation for k, c in configs.items()}
+    if blocker is None:
+        register()
+        for c in configs.values():
+            c._attn_implementation = ATTN_NAME
+        summary.accelerated["self-attention (fused, padding mask / varlen)"] = len(attn_modules)
+    else:
+        summary.skipped["self-attention"] = blocker
+
+    for module in parts.get("add_ln", []):
+        ln = getattr(module, "LayerNorm", None)
+        dense = getattr(module, "dense", None)
+        if not isinstance(ln, nn.LayerNorm) or ln.bias is None or not isinstance(dense, nn.Linear):
+            summary.skipped[type(module).__name__] = "unexpected structure (no dense + LayerNorm with bias)"
+            continue
+        if ln.normalized_shape[0] > ops._add_layer_norm.MAX_HIDDEN:
+            summary.skipped[type(module).__name__] = f"hidden size beyond {ops._add_layer_norm.MAX_HIDDEN}"
+            continue
+        _swap(module, _add_ln_forward, "add_ln")
+        key = f"{type(module)._fastbert_base.__name__} (dropout + residual + LayerNorm)"
+        summary.accelerated[key] = summary.accelerated.get(key, 0) + 1
+
+    act = getattr(hf.config, "hidden_act", None)
+    for module in parts.get("intermediate", []):
+        name = type(module).__name__
+        dense = getattr(module, "dense", None)
+        if not isinstance(act, str) or act not in GELU_FORMS:
+            summary.skipped[name] = f"activation {act!r} has no fused form (fused: {', '.join(GELU_FORMS)})"
+            continue
+        if not isinstance(dense, nn.Linear) or dense.in_features % 8 or dense.out_features % 8:
+            summary.skipped[name] = "in/out features not multiples of 8"
+            continue
+        module._fastbert_gelu = GELU_FORMS[act]
+        _swap(module, _intermediate_forward, "intermediate")
+        key = f"{type(module)._fastbert_base.__name__} (Linear + bias + GELU)"
+        summary.accelerated[key] = summary.accelerated.get(key, 0) + 1
+
+    if blocker is None:
+        for module in parts.get("encoder", []):
+            _swap(module, _encoder_forward, "encoder")
+            summary.accelerated["encoder (unpad once, varlen layers)"] = 1
+    else:
+        summary.skipped["encoder unpadding"] = "needs the fused attention"
+
+    hf._fastbert_previous_attn = [(c, previous[k]) for k, c in configs.items()]
+    hf.fastbert_summary = summary
+    return model
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo fastbert.optimize in place (the classes and the attention implementation); returns the model."""
+    hf = _find_model(model)
+    if getattr(hf, "fastbert_summary", None) is None:
+        return model
+    for module in hf.modules():
+        if _is_swapped(module):
+            module.__class__ = type(module)._fastbert_base
+            module.__dict__.pop("_fastbert_gelu", None)
+    for config, impl in hf._fastbert_previous_attn:
+        config._attn_implementation = impl
+    del hf._fastbert_previous_attn
+    del hf.fastbert_summary
+    return model
+
+
+def summary(model: nn.Module) -> Summary | None:
+    """The Summary fastbert.optimize attached to ``model``, or None if it is not optimized."""
+    return getattr(_find_model(model), "fastbert_summary", None)

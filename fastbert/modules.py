@@ -1,0 +1,137 @@
+"""Drop-in torch.nn modules built on fastbert.ops, for people with their own PyTorch BERT (fastbert.optimize uses
+the same ops on HuggingFace models).
+
+Each module is constructible like its torch.nn counterpart, or from an existing module with ``from_...``
+classmethods that share (never copy) the parameters, so state_dict keys and values are unchanged:
+
+- FusedAddLayerNorm(hidden, eps)           nn.LayerNorm that also takes the residual: LN(dropout(x) + residual)
+- FusedLinearGELU(in, out, approximate)    nn.Linear followed by GELU, in one GEMM
+- FusedSelfAttention(hidden, heads, p)     BERT self-attention (q/k/v projections + fused attention kernel)
+- FusedFeedForward(hidden, inter, ...)     BERT's feed-forward block: LN(dropout(W2 · gelu(W1 x + b1) + b2) + x)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastbert import ops
+
+
+class FusedAddLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose forward adds a residual first, with optional dropout on ``x``:
+    ``forward(x, residual) = layer_norm(dropout(x) + residual)``, one kernel (forward and backward).
+    ``dropout`` applies in training mode only, like ``nn.Dropout``. Same parameters (weight, bias) and
+    state_dict as nn.LayerNorm; requires elementwise_affine=True and bias=True."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-12, dropout: float = 0.0, device=None, dtype=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=True, device=device, dtype=dtype)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"FusedAddLayerNorm normalises the last dimension only, got {self.normalized_shape}")
+        self.dropout = float(dropout)
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, dropout: float = 0.0) -> FusedAddLayerNorm:
+        """A FusedAddLayerNorm sharing ``ln``'s weight and bias."""
+        if not ln.elementwise_affine or ln.bias is None or len(ln.normalized_shape) != 1:
+            raise ValueError("from_layer_norm needs a LayerNorm over the last dimension with weight and bias")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, True
+        new.weight, new.bias = ln.weight, ln.bias
+        new.dropout = float(dropout)
+        return new
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        p = self.dropout if self.training else 0.0
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=p)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dropout={self.dropout}"
+
+
+class FusedLinearGELU(nn.Linear):
+    """``gelu(linear(x))`` in one GEMM with a fused epilogue; ``approximate`` "none" (exact erf, BERT's "gelu") or
+    "tanh" ("gelu_new", "gelu_pytorch_tanh"). Same parameters and state_dict as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
+                 device=None, dtype=None):  # fmt: skip
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.approximate = approximate
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, approximate: str = "none") -> FusedLinearGELU:
+        """A FusedLinearGELU sharing ``linear``'s weight and bias."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias
+        new.approximate = approximate
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_gelu(x, self.weight, self.bias, approximate=self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, approximate={self.approximate!r}"
+
+
+class FusedSelfAttention(nn.Module):
+    """BERT self-attention: ``query``/``key``/``value`` projections (nn.Linear, as in BertSelfAttention, so
+    the state_dict matches), then the fused attention kernel with an optional [batch, seq] key-padding mask
+    (1 = attend) and attention-probability dropout in training. ``forward(hidden [batch, seq, hidden],
+    attention_mask=None) -> [batch, seq, hidden]`` (the context, before BERT's output projection)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.dropout = num_heads, hidden_size // num_heads, float(dropout)
+        self.query = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
+        self.key = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
+        self.value = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
+
+    @classmethod
+    def from_bert(cls, attn: nn.Module) -> FusedSelfAttention:
+        """From a transformers BertSelfAttention / RobertaSelfAttention (shares query, key and value)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads, new.head_dim = attn.num_attention_heads, attn.attention_head_size
+        new.dropout = float(attn.dropout.p)
+        new.query, new.key, new.value = attn.query, attn.key, attn.value
+        return new
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, _ = hidden.shape
+        q, k, v = (lin(hidden).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))  # fmt: skip
+        p = self.dropout if self.training else 0.0
+        out = ops.attention(q, k, v, attention_mask, dropout_p=p)  # [B, H, S, D] view of [B, S, H, D] storage
+        return out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
+
+
+class FusedFeedForward(nn.Module):
+    """BERT's feed-forward block (BertIntermediate + BertOutput): ``LN(dropout(W2 · gelu(W1 x + b1) + b2) + x)``
+    with the GELU fused into the first GEMM and dropout + residual + LayerNorm fused after the second.
+    Submodules ``intermediate`` (FusedLinearGELU), ``output`` (nn.Linear) and ``norm`` (FusedAddLayerNorm)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float = 1e-12, dropout: float = 0.0,
+                 approximate: str = "none", device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        self.intermediate = FusedLinearGELU(hidden_size, intermediate_size, approximate=approximate, device=device,
+                                            dtype=dtype)  # fmt: skip
+        self.output = nn.Linear(intermediate_size, hidden_size, device=device, dtype=dtype)
+        self.norm = FusedAddLayerNorm(hidden_size, eps=eps, dropout=dropout, device=device, dtype=dtype)
+
+    @classmethod
+    def from_bert(cls, intermediate: nn.Module, output: nn.Module, approximate: str = "none") -> FusedFeedForward:
+        """From a transformers BertIntermediate + BertOutput pair (shares every parameter)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.intermediate = FusedLinearGELU.from_linear(intermediate.dense, approximate)
+        new.output = output.dense
+        new.norm = FusedAddLayerNorm.from_layer_norm(output.LayerNorm, dropout=output.dropout.p)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.output(self.intermediate(x)), x)

@@ -1,0 +1,275 @@
+"""fastbert.optimize on small random HuggingFace models: same answers as transformers (outputs and gradients, padded
+and unpadded batches), state_dict unchanged, restore, idempotence, fallbacks with reasons, bad input, and the
+public modules. Interpreter-sized configs (2 layers, hidden 64); GPU-only checks at the end."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastbert
+from conftest import DEVICE, HAS_CUDA
+from fastbert import modules
+from numerics import assert_matches_reference
+
+transformers = pytest.importorskip("transformers")
+
+
+def bert_config(**kw):
+    base = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    return transformers.BertConfig(**(base | kw))
+
+
+def roberta_config(**kw):
+    base = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128,
+                max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                pad_token_id=1)  # fmt: skip
+    return transformers.RobertaConfig(**(base | kw))
+
+
+def batch(B=3, S=12, lengths=(12, 7, 1), vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (B, S), generator=g)
+    mask = (torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def pair(cls, cfg, seed=0):
+    torch.manual_seed(seed)
+    ref = cls(cfg).to(DEVICE).eval()
+    ref.set_attn_implementation("eager")
+    fast = fastbert.optimize(copy.deepcopy(ref))
+    return ref, fast
+
+
+def test_bert_model_padded_and_full():
+    ref, fast = pair(transformers.BertModel, bert_config())
+    s = fastbert.summary(fast)
+    assert s.accelerated and not s.skipped, str(s)
+    assert type(fast.encoder).__name__ == "FastbertBertEncoder"
+    assert fast.config._attn_implementation == "fastbert"
+    for lengths in ((12, 7, 1), (12, 12, 12)):
+        ids, mask = batch(lengths=lengths)
+        with torch.no_grad():
+            a = fast(input_ids=ids, attention_mask=mask)
+            b = ref(input_ids=ids, attention_mask=mask)
+        valid = mask.bool()
+        torch.testing.assert_close(a.last_hidden_state[valid], b.last_hidden_state[valid], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=1e-4, atol=1e-4)
+        if lengths[1] < 12:  # unpadded run: padding positions are zeros, documented
+            assert (a.last_hidden_state[~valid] == 0).all()
+
+
+def test_pretraining_loss_and_gradients_match():
+    """BertForPreTraining (MLM + NSP) in training mode (dropout 0 so the two runs compare): loss and every
+    parameter gradient."""
+    ref, fast = pair(transformers.BertForPreTraining, bert_config())
+    ref.train(), fast.train()
+    ids, mask = batch()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    nsp = torch.tensor([0, 1, 0], device=DEVICE)
+    losses = []
+    for m in (ref, fast):
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=nsp).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        g, fg = p.grad, fast_params[name].grad
+        assert fg is not None, name
+        torch.testing.assert_close(fg, g, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_training_dropout_runs_and_is_seeded():
+    cfg = bert_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    _, fast = pair(transformers.BertForMaskedLM, cfg)
+    fast.train()
+    ids, mask = batch()
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(fast(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.manual_seed(4)
+    assert not torch.equal(outs[0], fast(input_ids=ids, attention_mask=mask).logits)
+    fast.eval()
+    with torch.no_grad():
+        assert torch.isfinite(fast(input_ids=ids, attention_mask=mask).logits).all()
+
+
+@pytest.mark.parametrize(
+    "cls",
+    ["BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
+     "BertForNextSentencePrediction", "BertForMultipleChoice"],
+)  # fmt: skip
+def test_bert_heads(cls):
+    ref, fast = pair(getattr(transformers, cls), bert_config())
+    ids, mask = batch()
+    if cls == "BertForMultipleChoice":
+        ids, mask = ids[None].repeat(2, 1, 1), mask[None].repeat(2, 1, 1)
+    with torch.no_grad():
+        a = fast(input_ids=ids, attention_mask=mask)
+        b = ref(input_ids=ids, attention_mask=mask)
+    key = "start_logits" if cls == "BertForQuestionAnswering" else "logits"
+    # token-level heads: padding positions hold zeros-derived values after unpadding (documented)
+    valid = mask.bool() if cls in ("BertForTokenClassification", "BertForQuestionAnswering") else slice(None)
+    torch.testing.assert_close(a[key][valid], b[key][valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["RobertaModel", "RobertaForMaskedLM", "XLMRobertaModel"])
+def test_roberta_family(cls):
+    cfg = roberta_config() if "XLM" not in cls else transformers.XLMRobertaConfig(**roberta_config().to_dict())
+    ref, fast = pair(getattr(transformers, cls), cfg)
+    assert not fastbert.summary(fast).skipped
+    ids, mask = batch()
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask)[0] for m in (fast, ref))
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_shared_restore_and_idempotent(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(bert_config()).to(DEVICE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    assert fastbert.optimize(model) is model
+    summary = fastbert.summary(model)
+    assert fastbert.optimize(model) is model and fastbert.summary(model) is summary  # no-op the second time
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) and after[k].data_ptr() == ptrs[k] for k in before)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.BertForMaskedLM.from_pretrained(tmp_path).to(DEVICE)
+    assert all(torch.equal(loaded.state_dict()[k], before[k]) for k in before)
+    fastbert.restore(model)
+    assert fastbert.summary(model) is None
+    assert not any(type(m).__name__.startswith("Fastbert") for m in model.modules())
+    assert model.config._attn_implementation != "fastbert"
+
+
+def test_output_attentions_and_hidden_states_fall_back():
+    ref, fast = pair(transformers.BertModel, bert_config())
+    ids, mask = batch()
+    with torch.no_grad():
+        a = fast(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        b = ref(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(a.attentions) == 2 and a.attentions[0].shape == b.attentions[0].shape
+    valid = mask.bool()
+    for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
+        torch.testing.assert_close(x[valid], y[valid], rtol=1e-4, atol=1e-4)
+    for x, y in zip(a.attentions, b.attentions, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_unfused_activation_and_head_dim_are_reported():
+    _, fast = pair(transformers.BertModel, bert_config(hidden_act="relu"))
+    s = fastbert.summary(fast)
+    assert "BertIntermediate" in s.skipped and "relu" in s.skipped["BertIntermediate"]
+    _, fast = pair(transformers.BertModel, bert_config(hidden_size=48, num_attention_heads=1))
+    s = fastbert.summary(fast)
+    assert "self-attention" in s.skipped and "head_dim" in s.skipped["self-attention"], str(s)
+    assert fast.config._attn_implementation == "eager"
+    ids, mask = batch()
+    with torch.no_grad():
+        assert torch.isfinite(fast(input_ids=ids, attention_mask=mask).last_hidden_state).all()
+
+
+def test_unsupported_models_raise():
+    with pytest.raises(ValueError, match="bert"):
+        fastbert.optimize(nn.Linear(4, 4))
+    gpt = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model types"):
+        fastbert.optimize(gpt)
+
+
+def test_sentence_transformers_style_wrapper():
+    class Transformer(nn.Module):  # the shape of sentence_transformers.models.Transformer
+        def __init__(self, auto_model):
+            super().__init__()
+            self.auto_model = auto_model
+
+    torch.manual_seed(0)
+    st = nn.Sequential(Transformer(transformers.BertModel(bert_config()).to(DEVICE)))
+    assert fastbert.optimize(st) is st
+    assert fastbert.summary(st).accelerated
+    assert fastbert.summary(st[0].auto_model) is fastbert.summary(st)
+
+
+def test_torch_compile_of_optimized_model():
+    ref, fast = pair(transformers.BertModel, bert_config())
+    ids, mask = batch()
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend="aot_eager")
+    with torch.no_grad():
+        a = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------- public modules
+def test_public_modules_share_parameters_and_match():
+    torch.manual_seed(0)
+    ln, lin = nn.LayerNorm(32, eps=1e-12).to(DEVICE), nn.Linear(32, 64).to(DEVICE)
+    fln, flin = modules.FusedAddLayerNorm.from_layer_norm(ln), modules.FusedLinearGELU.from_linear(lin)
+    assert fln.weight is ln.weight and flin.weight is lin.weight
+    x, r = torch.randn(5, 32, device=DEVICE), torch.randn(5, 32, device=DEVICE)
+    torch.testing.assert_close(fln(x, r), ln(x + r), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flin(x), torch.nn.functional.gelu(lin(x)), rtol=1e-5, atol=1e-5)
+    assert set(fln.state_dict()) == set(ln.state_dict()) and set(flin.state_dict()) == set(lin.state_dict())
+    fresh = modules.FusedFeedForward(32, 64).to(DEVICE)
+    y = fresh(x)
+    h = nn.functional.gelu(nn.functional.linear(x, fresh.intermediate.weight, fresh.intermediate.bias))
+    expect = nn.functional.layer_norm(fresh.output(h) + x, (32,), fresh.norm.weight, fresh.norm.bias, 1e-12)
+    torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_self_attention_from_bert():
+    torch.manual_seed(0)
+    cfg = bert_config()
+    bert = transformers.BertModel(cfg).to(DEVICE).eval()
+    bert.set_attn_implementation("eager")
+    attn = bert.encoder.layer[0].attention.self
+    fused = modules.FusedSelfAttention.from_bert(attn)
+    assert fused.query is attn.query
+    x = torch.randn(2, 6, 64, device=DEVICE)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3], device=DEVICE)
+    add = (1 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        expect, _ = attn(x, attention_mask=add)
+        got = fused(x, mask)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_bert_base_half_and_autocast(dtype):
+    """A BERT-base-sized model in half precision: optimized vs transformers in the same dtype vs fp32 (the
+    project's rule: error at most 2x eager's, plus a small atol), and an autocast training step."""
+    cfg = transformers.BertConfig(num_hidden_layers=2)
+    torch.manual_seed(0)
+    ref32 = transformers.BertModel(cfg).cuda().eval()
+    half = copy.deepcopy(ref32).to(dtype)
+    fast = fastbert.optimize(copy.deepcopy(half))
+    ids, mask = batch(B=4, S=128, lengths=(128, 77, 5, 128), vocab=cfg.vocab_size)
+    valid = mask.bool()
+    with torch.no_grad():
+        ref = ref32(input_ids=ids, attention_mask=mask).last_hidden_state[valid].double()
+        eager = half(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
+        out = fast(input_ids=ids, attention_mask=mask).last_hidden_state[valid]
+    assert_matches_reference(out, ref, eager, name="last_hidden_state")
+
+    model = fastbert.optimize(transformers.BertForPreTraining(cfg).cuda().train())
+    with torch.autocast("cuda", dtype=dtype):
+        labels = torch.where(valid, ids, torch.full_like(ids, -100))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels,
+                     next_sentence_label=torch.zeros(4, dtype=torch.long, device="cuda")).loss  # fmt: skip
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
