@@ -149,6 +149,13 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _int8_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The kernels' [batch, seq_k] int8 mask with unit stride; a contiguous bool mask is reinterpreted (no copy)."""
+    if mask.dtype == torch.bool and mask.stride(-1) == 1:
+        return mask.view(torch.int8)
+    return (mask != 0).to(torch.int8).contiguous()
+
+
 def _seed(dropout_p: float) -> torch.Tensor:
     return draw_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
 
@@ -203,7 +210,7 @@ def attention(
     scale = _scale(q, scale)
     if not use_triton(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=scale)
-    mask = None if attention_mask is None else (attention_mask != 0).to(torch.int8).contiguous()
+    mask = None if attention_mask is None else _int8_mask(attention_mask)
     out, _ = call(_fwd, _eager, q, k, v, mask, None, 0, scale, dropout_p, _seed(dropout_p))
     return out
 
