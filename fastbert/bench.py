@@ -395,7 +395,8 @@ def main(args: argparse.Namespace) -> int:
     if rows:
         cols = ["suite", "model", "dtype", "batch", "seq", "lengths", "provider", "median_ms", "tokens_per_s",
                 "peak_mem_bytes", "status"]  # fmt: skip
-        path = benchtools.write_results("bert", rows, args.out, cols, extra=extra | {"args": vars(args)})
+        settings = {k: v for k, v in vars(args).items() if not callable(v)}  # `fastbert bench` adds its handler
+        path = benchtools.write_results("bert", rows, args.out, cols, extra=extra | {"args": settings})
         _plot(rows, path.with_suffix(".png"))
         for line in targets(rows):
             print(line)

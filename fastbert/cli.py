@@ -2,6 +2,9 @@
 
 fastbert check      run every fused op (forward and backward) against its float64 reference on this machine's
                     device — the GPU, or Triton's interpreter on CPU — and print a table of errors
+fastbert bench      time BERT inference and training: eager, SDPA, torch.compile and fastbert side by side on
+                    this machine's GPU, checked before timing; results as JSON / Markdown / PNG
+                    (`fastbert bench --help`; `--dry-run` exercises it on CPU with a tiny model)
 """
 
 from __future__ import annotations
@@ -132,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="run every fused op against its float64 reference and print the errors")
     p.add_argument("--op", action="append", choices=sorted(CHECKS), help="only this op (repeatable)")
     p.set_defaults(func=cmd_check)
+    from fastbert import bench
+
+    p = sub.add_parser("bench", help="time BERT inference / training against eager, SDPA and torch.compile")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

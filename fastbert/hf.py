@@ -137,30 +137,34 @@ def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                     encoder_attention_mask=None, past_key_values=None, use_cache=None, **kwargs):  # fmt: skip
-    """Unpad once: pack the real tokens, run every layer on them, restore the padded layout."""
+                     encoder_attention_mask=None, **kwargs):  # fmt: skip
+    """Unpad once: pack the real tokens, run every layer on them, restore the padded layout. The cache arrives
+    as `past_key_values` (transformers < 5.24) or `cache` (later): both stay in kwargs, passed on untouched."""
     base = super(type(self), self).forward
     packable = (
         isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 2
         and encoder_hidden_states is None
-        and past_key_values is None
+        and kwargs.get("past_key_values") is None
+        and kwargs.get("cache") is None
         and not torch.compiler.is_compiling()
         and not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
         and not _capturing("hidden_states")
         and not _capturing("attentions")
     )
     if not packable:
-        return base(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                    past_key_values=past_key_values, use_cache=use_cache, **kwargs)  # fmt: skip
+        return base(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
     B, S = attention_mask.shape
     packed, indices, cu_seqlens, max_seqlen = ops.unpad(hidden_states, attention_mask)
     batch = VarlenBatch(cu_seqlens, max_seqlen)
-    kwargs.pop("position_ids", None)  # per-token positions were consumed by the embeddings
+    # Per-token positions were consumed by the embeddings; the cache is None here and use_cache means nothing
+    # to an encoder without one.
+    for key in ("position_ids", "past_key_values", "cache", "use_cache"):
+        kwargs.pop(key, None)
     for layer in self.layer:
-        packed = layer(packed, batch, None, encoder_attention_mask=None, past_key_values=None, **kwargs)
+        packed = layer(packed, batch, None, **kwargs)
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=ops.pad(packed, indices, B, S))
 
 

@@ -1,0 +1,33 @@
+"""`fastbert bench` end to end without a GPU: --dry-run builds a tiny BERT, checks every provider against eager
+and writes the result files (timings on CPU mean nothing and are not looked at); without --dry-run and without
+CUDA it says so and exits cleanly."""
+
+import json
+
+import pytest
+import torch
+
+from fastbert import cli
+
+pytest.importorskip("transformers")
+
+
+def test_dry_run_writes_results(tmp_path, capsys):
+    assert cli.main(["bench", "--dry-run", "--out", str(tmp_path)]) == 0
+    results = list(tmp_path.glob("*.json"))
+    assert len(results) == 1, sorted(p.name for p in tmp_path.iterdir())
+    doc = json.loads(results[0].read_text())
+    rows = doc["rows"]
+    providers = {(r["suite"], r["provider"]) for r in rows}
+    assert ("infer", "fastbert") in providers and ("infer", "eager") in providers
+    assert ("train", "fastbert") in providers
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert results[0].with_suffix(".md").exists()
+    for key in ("device", "torch", "triton", "commit"):
+        assert key in doc["header"], key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_without_cuda_explains_and_exits_cleanly(capsys):
+    assert cli.main(["bench", "--quick"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
