@@ -1,7 +1,8 @@
 """The `fastbert` command.
 
 fastbert check      run every fused op (forward and backward) against its float64 reference on this machine's
-                    device — the GPU, or Triton's interpreter on CPU — and print a table of errors
+                    device — the GPU, or Triton's interpreter on CPU — and print a table of errors; then the
+                    same for a BERT model after fastbert.optimize (with transformers installed)
 fastbert bench      time BERT inference and training: eager, SDPA, torch.compile and fastbert side by side on
                     this machine's GPU, checked before timing; results as JSON / Markdown / PNG
                     (`fastbert bench --help`; `--dry-run` exercises it on CPU with a tiny model)
@@ -38,14 +39,16 @@ def compare(name: str, fast: Callable, ref: Callable, inputs: list[torch.Tensor]
     got = _grads(fast, inputs)
     want = _grads(ref, [t.double() if t.is_floating_point() else t for t in inputs])
     eager = _grads(ref, inputs)
-    rows = []
-    for label, a, w, e in zip(["out", *labels], got, want, eager, strict=True):
-        scale = max(1.0, w.abs().max().item())
-        err, eager_err = _err(a, w), _err(e, w)
-        slack = HALF_ULP.get(a.dtype, 1e-5) * scale
-        ok = bool(torch.isfinite(a).all()) and err <= 2 * eager_err + slack
-        rows.append({"op": name, "tensor": label, "err": err, "eager_err": eager_err, "ok": ok})
-    return rows
+    return [_judge(name, label, a, w, e) for label, a, w, e in zip(["out", *labels], got, want, eager, strict=True)]
+
+
+def _judge(op: str, label: str, got: torch.Tensor, want: torch.Tensor, eager: torch.Tensor) -> dict:
+    """One row of the table: `got` (fastbert) and `eager` (PyTorch in the same dtype) against `want` (float64)."""
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    err, eager_err = _err(got, want), _err(eager, want)
+    slack = HALF_ULP.get(got.dtype, 1e-5) * scale
+    ok = bool(torch.isfinite(got).all()) and err <= 2 * eager_err + slack
+    return {"op": op, "tensor": label, "err": err, "eager_err": eager_err, "ok": ok}
 
 
 def check_add_layer_norm(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
@@ -94,10 +97,51 @@ def check_attention(device: torch.device, dtype: torch.dtype, big: bool) -> list
     return [row | {"shape": f"{B}x{H}x{S}x{D}"} for row in rows]
 
 
+def check_model(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
+    """fastbert.optimize on a random-initialised BertModel (BERT-base on GPU, a tiny one in the interpreter) and a
+    padded batch of mixed lengths: the optimized model, and transformers' eager model in the same dtype, against
+    the eager model in float64 (hidden states of the real tokens, pooler output)."""
+    import copy
+
+    try:
+        import transformers
+    except ImportError:
+        print("(model check skipped: transformers is not installed; pip install 'fastbert[test]')")
+        return []
+    import fastbert
+
+    if big:
+        cfg, B, S = transformers.BertConfig(), 8, 512
+    else:
+        cfg = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+        B, S = 3, 24
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, cfg.vocab_size, (B, S), generator=g).to(device)
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0], lengths[-1] = S, 1
+    mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
+    torch.manual_seed(0)
+    ref = transformers.BertModel(cfg).eval()
+    ref.set_attn_implementation("eager")
+    eager = copy.deepcopy(ref).to(device, dtype)
+    fast = fastbert.optimize(copy.deepcopy(eager))
+    ref = ref.to(device, torch.float64)
+    with torch.no_grad():
+        outs = [m(input_ids=ids, attention_mask=mask) for m in (fast, ref, eager)]
+    real = mask.bool()
+    hidden = [o.last_hidden_state[real] for o in outs]
+    pooled = [o.pooler_output for o in outs]
+    shape = f"{B}x{S} {cfg.num_hidden_layers}L h{cfg.hidden_size}"
+    return [_judge("bert_model", label, *t) | {"shape": shape}
+            for label, t in (("hidden", hidden), ("pooler", pooled))]  # fmt: skip
+
+
 CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
     "add_layer_norm": check_add_layer_norm,
     "linear_gelu": check_linear_gelu,
     "attention": check_attention,
+    "model": check_model,
 }
 
 
