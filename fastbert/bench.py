@@ -300,15 +300,21 @@ def bench_ops(args) -> int:
     return rc
 
 
+_START = time.perf_counter()
+
+
 def _emit(rows: list, row: dict) -> None:
+    """Record a measurement and print it as a table row, prefixed with its number and the elapsed time (the
+    progress display: a full run takes a while)."""
     rows.append(row)
+    progress = f"[{len(rows):3d} {time.perf_counter() - _START:5.0f}s]"
     if row.get("status") == "ok":
         tail = f"{row['median_ms']:9.3f} ms  {row['tokens_per_s'] / 1e3:9.1f} k tok/s"
         if "peak_mem_bytes" in row:
             tail += f"  peak {row['peak_mem_bytes'] / 2**30:5.2f} GiB"
     else:
         tail = row["status"]
-    print(f"{row['suite']:5s} {row['model']:5s} {row['dtype']:13s} B{row['batch']:<3d} S{row['seq']:<4d} "
+    print(f"{progress} {row['suite']:5s} {row['model']:5s} {row['dtype']:13s} B{row['batch']:<3d} S{row['seq']:<4d} "
           f"{row['lengths']:6s} {row['provider']:30s} {tail}", flush=True)  # fmt: skip
 
 
