@@ -1,6 +1,7 @@
 """The HuggingFace Trainer trains an optimized model: a few steps of BertForSequenceClassification through
-transformers.Trainer on CPU (Triton's interpreter runs the kernels; dropout off to keep the interpreter fast), the
-loss goes down, the weights change, and the saved checkpoint loads back into a plain transformers model."""
+transformers.Trainer (on the GPU where there is one, else on CPU with Triton's interpreter running the kernels;
+dropout off to keep the interpreter fast), the loss goes down, the weights change, and the saved checkpoint loads
+back into a plain transformers model."""
 
 import copy
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import fastbert
+from conftest import HAS_CUDA
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
@@ -46,7 +48,7 @@ def test_trainer_trains_an_optimized_model(tmp_path):
     before = copy.deepcopy(model.state_dict())
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
                                           num_train_epochs=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
-                                          report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
+                                          report_to=[], use_cpu=not HAS_CUDA, disable_tqdm=True)  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Synthetic())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -58,4 +60,4 @@ def test_trainer_trains_an_optimized_model(tmp_path):
     trainer.save_model(str(tmp_path / "saved"))
     plain = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "saved"))
     for k, v in plain.state_dict().items():
-        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
+        torch.testing.assert_close(v, model.state_dict()[k].cpu(), rtol=0, atol=0)
