@@ -12,7 +12,7 @@ from fastbert import cli
 pytest.importorskip("transformers")
 
 
-def test_dry_run_writes_results(tmp_path, capsys):
+def test_dry_run_writes_results(tmp_path):
     assert cli.main(["bench", "--dry-run", "--out", str(tmp_path)]) == 0
     results = list(tmp_path.glob("*.json"))
     assert len(results) == 1, sorted(p.name for p in tmp_path.iterdir())
