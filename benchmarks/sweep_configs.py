@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
-"""Tile-config sweep of the GEMM and attention forward kernels on a GPU (a tuning aid, not a benchmark result):
-each candidate launched directly (bypassing the autotuner), timed with CUDA events, with its registers and
-spills from the compiled kernel, beside the cuBLAS / SDPA floor.
+"""Tile-config sweep of the GEMM and attention (forward; dk/dv and dq) kernels on a GPU (a tuning aid, not a
+benchmark result): each candidate launched directly (bypassing the autotuner), timed with CUDA events, with its
+registers and spills from the compiled kernel, beside the cuBLAS / SDPA floor where there is one.
 
     python benchmarks/sweep_configs.py
 """
@@ -116,8 +116,8 @@ def sweep_attention() -> None:
                     return kern[grid](
                         q, k, v, o, lse, mask, cu, *at._strides(q), *at._strides(k), *at._strides(v),
                         *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked),
-                        0, 1.0, 0, 512, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HAS_DROPOUT=False,
-                        num_warps=nw, num_stages=ns)  # fmt: skip
+                        at.dropout_threshold(0.0), 1.0, at.philox_seed(0), 512, BLOCK_M=bm, BLOCK_N=bn,
+                        BLOCK_D=64, HAS_DROPOUT=False, EVEN_D=True, num_warps=nw, num_stages=ns)  # fmt: skip
 
                 try:
                     kk = run()
@@ -129,11 +129,61 @@ def sweep_attention() -> None:
                     print(f"  {bm}x{bn} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
 
 
+def sweep_attention_bwd() -> None:
+    """dk/dv and dq kernels of the backward, each config timed alone (BERT-base heads, fp16, with a padding mask),
+    after the forward and the preprocess kernel made lse and delta."""
+    from fastbert.kernels import attention as at
+
+    dkdv, dq = at._attention_bwd_dkdv_kernel.fn, at._attention_bwd_dq_kernel.fn
+    B, H, D = 32, 12, 64
+    dkdv_cands = ((32, 128, 8, 2), (32, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 3))
+    dq_cands = ((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3))
+    for S in (128, 512):
+        q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(4))
+        lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
+        mask = (torch.arange(S, device="cuda")[None, :] < lens[:, None]).to(torch.int8)
+        out, lse = at.attention_fwd(q, k, v, mask)
+        _, _, _ = at.attention_bwd(do, q, k, v, out, lse, mask)  # compiles and warms the shipped configs
+        delta = torch.empty_like(lse)
+        lay = at._Layout(q, k, None, 0, mask)
+        at._attention_bwd_preprocess_kernel[(triton.cdiv(S, at._PREPROCESS_BLOCK_M), B * H)](
+            out, do, delta, lay.cu, *at._strides(out), *at._strides(do), S, S, H, D, 0,
+            BLOCK_M=at._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True)  # fmt: skip
+        dq_t, dk_t, dv_t = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        flags = lay.flags(0.0, 0)
+        common = (*at._strides(q), *at._strides(k), *at._strides(v), *at._strides(do))
+        print(f"attention bwd fp16 B{B} H{H} S{S} D{D}, with a padding mask")
+        for name, kern, cands in (("dkdv", dkdv, dkdv_cands), ("dq", dq, dq_cands)):
+            for bm, bn, nw, ns in cands:
+
+                def run(bm=bm, bn=bn, nw=nw, ns=ns, name=name, kern=kern):
+                    if name == "dkdv":
+                        return kern[(triton.cdiv(S, bn), B * H)](
+                            q, k, v, do, dk_t, dv_t, lse, delta, mask, lay.cu, *common, *at._strides(dk_t),
+                            *at._strides(dv_t), mask.stride(0), S, S, H, D, D**-0.5, D**-0.5 * at.LOG2E, *flags,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HAS_DROPOUT=False, EVEN_D=True, num_warps=nw,
+                            num_stages=ns)  # fmt: skip
+                    return kern[(triton.cdiv(S, bm), B * H)](
+                        q, k, v, do, dq_t, lse, delta, mask, lay.cu, *common, *at._strides(dq_t), mask.stride(0),
+                        S, S, H, D, D**-0.5, D**-0.5 * at.LOG2E, *flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64,
+                        HAS_DROPOUT=False, EVEN_D=True, num_warps=nw, num_stages=ns)  # fmt: skip
+
+                try:
+                    kk = run()
+                    ms = bench(run)
+                    print(f"  {name:4s} {bm:3d}x{bn:3d} w{nw} s{ns}  {ms:.4f} ms  regs {kk.n_regs} "
+                          f"spills {kk.n_spills}", flush=True)  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {name} {bm}x{bn} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
+
+
 if __name__ == "__main__":
     harness.no_cuda_exit("sweep_configs")
     print(harness.header())
-    which = sys.argv[1:] or ["linear_gelu", "attention"]
+    which = sys.argv[1:] or ["linear_gelu", "attention", "attention_bwd"]
     if "linear_gelu" in which:
         sweep_linear_gelu()
     if "attention" in which:
         sweep_attention()
+    if "attention_bwd" in which:
+        sweep_attention_bwd()

@@ -21,15 +21,30 @@ dweight / dbias are reduced deterministically: each persistent program sums its 
 partial buffer, and the launcher sums the partials (no atomics).
 
 Limits: the row must fit in one block (N <= MAX_HIDDEN); statistics are fp32 whatever the input dtype.
+
+Specialisation: no integer argument is specialised by Triton's launcher (do_not_specialize), and every pointer
+is 16-byte aligned (fresh outputs; inputs copied otherwise), so each launch compiles one of exactly two
+variants per block config, both in the compile gate: ALIGNED (N and the row strides multiples of 16, as every
+BERT width: the kernel then tells the compiler so, and rows load 16 bytes a thread) or not (any N).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, num_programs_for
+from fastbert.kernels.common import (
+    GateCase,
+    dropout_keep,
+    dropout_threshold,
+    empty,
+    num_programs_for,
+    philox_seed,
+)
 
 MAX_HIDDEN = 8192
 # Past this width the backward kernel runs out of registers if it also holds the dropout mask or the dweight /
@@ -52,18 +67,37 @@ def fwd_config(n: int) -> tuple[int, int, int]:
 def bwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the backward kernel: more live values per element than the forward (two
     fp32 accumulator rows besides), so smaller tiles: about 4-8 elements per thread (16 for the widest rows,
-    which hold no accumulators). Chosen so that the compile gate sees no spill on sm_80 or sm_90: the widest
-    rows that keep accumulators (4096) take 32 warps, as 16 spill on sm_90 with dropout (Triton 3.9's ptxas)."""
+    which hold no accumulators). Chosen so that the compile gate sees no spill on sm_80 or sm_90: rows of 2048
+    and 4096 (the widest that keep accumulators) take 4 elements a thread, as 8 spilled on sm_90 with dropout
+    (Triton 3.9's ptxas; 2048 in the unaligned variant)."""
     block_n = max(_MIN_BLOCK_N, triton.next_power_of_2(n))
     block_m = max(1, min(4, 1024 // block_n))
     num_warps = min(16, max(4, block_m * block_n // 256))
-    if block_n == MAX_HIDDEN_DROPOUT:
-        num_warps = 32
+    if block_n in (2048, MAX_HIDDEN_DROPOUT):
+        num_warps = block_n // 128
     return block_m, block_n, num_warps
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+# Integer arguments stay unspecialised: one compilation per (block config, dtypes, flags, ALIGNED), whatever M,
+# N or the strides are (Triton would otherwise compile variants for values equal to 1 or divisible by 16 that
+# the compile gate never sees). ALIGNED restores the divisibility where the launcher has checked it.
+_RUNTIME_ARGS = ["stride_x_row", "stride_residual_row", "stride_y_row", "stride_dy_row", "M", "N",
+                 "tiles_per_program", "dropout_threshold", "seed"]  # fmt: skip
+
+
 @triton.jit
+def _multiple_of_16(n, ALIGNED: tl.constexpr):
+    """n itself; with ALIGNED (the launcher checked n % 16 == 0) written so that the compiler knows the
+    divisibility: then `cols < N` is constant over 16 columns and row starts are 16-element aligned, so loads and
+    stores vectorise."""
+    if ALIGNED:
+        return (n // 16) * 16
+    else:
+        return n
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _add_layer_norm_fwd_kernel(
     x_ptr,  # [M, N], row stride stride_x_row, unit column stride
     residual_ptr,  # [M, N]; its dtype may differ from x's (autocast: x half, residual fp32)
@@ -84,7 +118,12 @@ def _add_layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    ALIGNED: tl.constexpr,  # N and the row strides are multiples of 16
 ):
+    N = _multiple_of_16(N, ALIGNED)
+    stride_x_row = _multiple_of_16(stride_x_row, ALIGNED)
+    stride_residual_row = _multiple_of_16(stride_residual_row, ALIGNED)
+    stride_y_row = _multiple_of_16(stride_y_row, ALIGNED)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -114,7 +153,7 @@ def _add_layer_norm_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _add_layer_norm_bwd_kernel(
     dy_ptr,  # [M, N] incoming gradient
     x_ptr,  # [M, N] saved input
@@ -139,7 +178,12 @@ def _add_layer_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PARAM_GRADS: tl.constexpr,  # accumulate dweight / dbias partials (rows up to MAX_HIDDEN_DROPOUT wide)
+    ALIGNED: tl.constexpr,  # N and the row strides are multiples of 16
 ):
+    N = _multiple_of_16(N, ALIGNED)
+    stride_dy_row = _multiple_of_16(stride_dy_row, ALIGNED)
+    stride_x_row = _multiple_of_16(stride_x_row, ALIGNED)
+    stride_residual_row = _multiple_of_16(stride_residual_row, ALIGNED)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -203,6 +247,17 @@ def _add_layer_norm_keep_mask_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launchers
+def _aligned_base(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its base is 16-byte aligned (fresh allocations always are), else a copy: Triton specialises
+    pointers on alignment, and the compile gate compiles the aligned variant."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _is_aligned(n: int, *rows: torch.Tensor) -> bool:
+    """The ALIGNED flag: N and every row stride a multiple of 16 elements."""
+    return n % 16 == 0 and all(r.stride(0) % 16 == 0 for r in rows)
+
+
 def add_layer_norm_fwd(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -221,11 +276,12 @@ def add_layer_norm_fwd(
     if M == 0:
         return y, mean, rstd
     block_m, block_n, num_warps = fwd_config(N)
+    x, residual, weight, bias = (_aligned_base(t) for t in (x, residual, weight, bias))
     _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, residual, weight, bias, y, mean, rstd,
         x.stride(0), residual.stride(0), y.stride(0),
-        M, N, eps, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0,
+        M, N, eps, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), philox_seed(seed),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0, ALIGNED=_is_aligned(N, x, residual),
         num_warps=num_warps,
     )  # fmt: skip
     return y, mean, rstd
@@ -255,13 +311,14 @@ def add_layer_norm_bwd(
     param_grads = N <= MAX_HIDDEN_DROPOUT
     dw_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
     db_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
+    dy, x, residual, weight = (_aligned_base(t) for t in (dy, x, residual, weight))
     _add_layer_norm_bwd_kernel[(programs,)](
         dy, x, residual, weight, mean, rstd,
         dresidual, dx if has_dropout else dresidual, dw_partial, db_partial,
         dy.stride(0), x.stride(0), residual.stride(0),
-        M, N, tiles_per_program, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed,
+        M, N, tiles_per_program, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), philox_seed(seed),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout, PARAM_GRADS=param_grads,
-        num_warps=num_warps,
+        ALIGNED=_is_aligned(N, dy, x, residual), num_warps=num_warps,
     )  # fmt: skip
     if not param_grads:
         # Wide rows (see MAX_HIDDEN_DROPOUT): x̂ recomputed and reduced by PyTorch, in fp32, deterministically.
@@ -276,7 +333,7 @@ def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch
     """The [M, N] bool keep-mask add_layer_norm applies to x for this seed and p (for tests and debugging)."""
     keep = torch.empty((M, N), device=device, dtype=torch.int8)
     _add_layer_norm_keep_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 64))](
-        keep, M, N, dropout_threshold(dropout_p), seed, BLOCK_M=16, BLOCK_N=64
+        keep, M, N, dropout_threshold(dropout_p), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
     )
     return keep.bool()
 
@@ -284,29 +341,47 @@ def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch
 # ----------------------------------------------------------------------------------------------- compile gate
 # (x, residual, weight) dtypes compiled by the gate; y has residual's dtype. The public op passes one dtype
 # throughout, half activations with fp32 parameters, or autocast's mix (half x from a Linear, fp32 residual stream
-# and parameters). fp16 compiles to the same code as bf16 but for the conversion instruction, and half
-# activations with fp32 parameters to the same code as the autocast mix but for the store: the gate covers one
-# of each pair to keep its cold compile time within CI's budget.
-DTYPE_COMBOS = (("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("bf16", "fp32", "fp32"))
+# and parameters). fp16 compiles to the same code as bf16 but for the conversion instructions, so the gate
+# compiles bf16 and lets it stand for fp16 (GATE_DTYPE_STANDIN, which tests/test_launch_spec.py applies): fp16
+# cases would add about a minute to CI's cold gate on 2 cores.
+DTYPE_COMBOS = (
+    ("fp32", "fp32", "fp32"),
+    ("bf16", "bf16", "bf16"),
+    ("bf16", "fp32", "fp32"),
+    ("bf16", "bf16", "fp32"),
+)
+GATE_DTYPE_STANDIN = {"*fp16": "*bf16"}
+
+
+# From this row block up, every 16-bit load of an ALIGNED launch must be a vector load (the gate checks it); in
+# narrower blocks some loads (the weight row spread over the program's threads, tiny tiles) have fewer than two
+# elements a thread and are legitimately scalar.
+_VECTOR_LOADS_FROM = 512
+
+
+def _pointers(signature: dict[str, str]) -> tuple[str, ...]:
+    return tuple(name for name, kind in signature.items() if kind.startswith("*"))
 
 
 def gate_cases() -> list[GateCase]:
-    """Every compilation the launchers above may request: each block size up to MAX_HIDDEN, dtypes, dropout."""
+    """Every compilation the launchers above may request: each block size up to MAX_HIDDEN, dtypes, dropout,
+    ALIGNED or not. Every pointer is 16-byte aligned (see the launchers); no integer is specialised."""
     cases = []
     block_n = _MIN_BLOCK_N
     while block_n <= MAX_HIDDEN:
-        for xt, rt, wt in DTYPE_COMBOS:
+        for (xt, rt, wt), aligned in itertools.product(DTYPE_COMBOS, (True, False)):
             for drop in (False, True) if block_n <= MAX_HIDDEN_DROPOUT else (False,):
-                tag = f"n{block_n}-{xt}-{rt}-{wt}-drop{int(drop)}"
+                tag = f"n{block_n}-{xt}-{rt}-{wt}-drop{int(drop)}{'' if aligned else '-unaligned'}"
                 bm, bn, nw = fwd_config(block_n)
                 cases.append(GateCase(
                     f"add_layer_norm_fwd-{tag}", _add_layer_norm_fwd_kernel,
                     {"x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}", "bias_ptr": f"*{wt}",
                      "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x_row": "i32",
                      "stride_residual_row": "i32", "stride_y_row": "i32", "M": "i32", "N": "i32", "eps": "fp32",
-                     "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr"},
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop}, nw,
+                     "dropout_threshold": "i32", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
+                     "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr", "ALIGNED": "constexpr"},
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "ALIGNED": aligned}, nw,
+                    vector_loads=aligned and block_n >= _VECTOR_LOADS_FROM,
                 ))  # fmt: skip
                 bm, bn, nw = bwd_config(block_n)
                 cases.append(GateCase(
@@ -315,10 +390,12 @@ def gate_cases() -> list[GateCase]:
                      "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dresidual_ptr": f"*{rt}", "dx_ptr": f"*{xt}",
                      "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32", "stride_dy_row": "i32",
                      "stride_x_row": "i32", "stride_residual_row": "i32", "M": "i32", "N": "i32",
-                     "tiles_per_program": "i32", "dropout_threshold": "i64", "dropout_scale": "fp32", "seed": "i64",
+                     "tiles_per_program": "i32", "dropout_threshold": "i32", "dropout_scale": "fp32", "seed": "i64",
                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
-                     "PARAM_GRADS": "constexpr"},
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "PARAM_GRADS": bn <= MAX_HIDDEN_DROPOUT}, nw,
+                     "PARAM_GRADS": "constexpr", "ALIGNED": "constexpr"},
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "PARAM_GRADS": bn <= MAX_HIDDEN_DROPOUT,
+                     "ALIGNED": aligned}, nw,
+                    vector_loads=aligned and block_n >= _VECTOR_LOADS_FROM,
                 ))  # fmt: skip
         block_n *= 2
-    return cases
+    return [dataclasses.replace(c, divisible=_pointers(c.signature)) for c in cases]

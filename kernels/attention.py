@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, interpreting
+from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, interpreting, philox_seed
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
@@ -57,8 +57,8 @@ _HALF = ("fp16", "bf16")
 _FWD_CONFIGS = (
     (128, 64, 8, 2, _HALF, (32, 64), False),
     (64, 64, 8, 2, _HALF, (32, 64), True),
-    (64, 64, 8, 2, _HALF, (128,), False),
-    (64, 32, 8, 2, _HALF, (128,), True),
+    (128, 64, 8, 2, _HALF, (128,), False),
+    (64, 32, 8, 1, _HALF, (128,), True),
     (32, 32, 8, 1, ("fp32",), (32, 64)),
     (16, 32, 8, 1, ("fp32",), (128,)),
 )
@@ -66,19 +66,22 @@ _FWD_CONFIGS = (
 # Entries split by dropout where Triton 3.6's or 3.9's register allocation spilled one of the variants (the
 # compile gate runs with CI's Triton; the Triton 3.6 results were checked with the same gate, see the notes).
 _DKDV_CONFIGS = (
-    (32, 64, 8, 1, _HALF, (32, 64), False),
+    (32, 128, 8, 2, _HALF, (32, 64), False),
     (32, 64, 8, 2, _HALF, (32, 64), True),
     (16, 64, 8, 1, _HALF, (128,), False),
     (16, 32, 8, 1, _HALF, (128,), True),
-    (16, 32, 8, 1, ("fp32",), (32, 64, 128), False),
+    (16, 32, 8, 1, ("fp32",), (32, 128), False),
+    (16, 32, 4, 1, ("fp32",), (64,), False),
     (16, 32, 8, 1, ("fp32",), (64, 128), True),
     (16, 32, 4, 1, ("fp32",), (32,), True),
 )
 _DQ_CONFIGS = (
-    (64, 64, 8, 2, _HALF, (32, 64), False),
-    (64, 32, 8, 2, _HALF, (32, 64), True),
+    (128, 64, 8, 2, _HALF, (32, 64), False),
+    (128, 32, 8, 2, _HALF, (32, 64), True),
     (32, 64, 8, 1, _HALF, (128,)),
-    (32, 32, 4, 1, ("fp32",), (32, 64)),
+    (32, 32, 4, 1, ("fp32",), (32,)),
+    (16, 32, 4, 1, ("fp32",), (64,), False),
+    (16, 16, 4, 1, ("fp32",), (64,), True),
     (16, 32, 8, 1, ("fp32",), (128,)),
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
@@ -124,9 +127,13 @@ def seq_bucket(max_seqlen: int) -> int:
     return min(triton.next_power_of_2(max(1, max_seqlen)), 1024)
 
 
-# Runtime flags stay runtime (not constexpr) so that one compilation serves masked, varlen and dropout calls;
-# do_not_specialize keeps Triton from compiling a variant for each value 1.
-_RUNTIME_FLAGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "head_dim", "seq_bucket"]
+# Runtime flags and sizes stay runtime (not constexpr) so that one compilation serves masked, varlen and dropout
+# calls of any length; do_not_specialize keeps Triton from compiling a variant for each value equal to 1 or
+# divisible by 16 (variants the compile gate would not see). What stays specialised: the pointers, the
+# q/k/v/out strides and head_dim, which are always 16-byte aligned / multiples of 16 (fresh allocations,
+# _aligned, HEAD_DIMS), so every launch compiles to the variant the gate checks, with vectorised loads.
+_RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "seq_bucket", "stride_mask_b",
+                 "dropout_threshold", "seed"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -137,6 +144,20 @@ def _dot(a, b):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _d_ok(offs_d, head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Which of the BLOCK_D columns are real head-dim columns. With EVEN_D (head_dim == BLOCK_D) the mask is a
+    compile-time constant, so loads along d vectorise (16 bytes a thread) and pipeline (cp.async); a runtime
+    `offs_d < head_dim` makes every column's predicate differ, and Triton then loads element by element (2-byte
+    loads, no cp.async: seen in the PTX)."""
+    if EVEN_D:
+        return offs_d < BLOCK_D
+    else:
+        # head_dim 80 or 96: Triton specialises it as a multiple of 16, so the mask is constant over 16 columns and
+        # the loads still vectorise.
+        return offs_d < head_dim
 
 
 @triton.jit
@@ -154,7 +175,7 @@ def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS), key=["seq_bucket", "BLOCK_D"],
                  prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)})  # fmt: skip
-@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_fwd_kernel(
     q_ptr,  # [B, H, Sq, D] (padded) or [total, H, D] (varlen: stride_qb = 0), any strides
     k_ptr,  # [B, H, Sk, D] or [total, H, D]
@@ -183,6 +204,7 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along d
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -194,7 +216,7 @@ def _attention_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
-    d_ok = offs_d < head_dim
+    d_ok = _d_ok(offs_d, head_dim, BLOCK_D, EVEN_D)
     tok_m = start + offs_m
 
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -243,7 +265,7 @@ def _attention_fwd_kernel(
     tl.store(lse_ptr + rows, lse, mask=m_ok)
 
 
-@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_preprocess_kernel(
     o_ptr,  # like q
     do_ptr,  # like q
@@ -258,6 +280,7 @@ def _attention_bwd_preprocess_kernel(
     is_varlen,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -268,7 +291,7 @@ def _attention_bwd_preprocess_kernel(
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < len_q)[:, None] & (offs_d < head_dim)[None, :]
+    mask = (offs_m < len_q)[:, None] & _d_ok(offs_d, head_dim, BLOCK_D, EVEN_D)[None, :]
     tok_m = start + offs_m
     o = tl.load(o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + tok_m[:, None] * stride_om
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0)  # fmt: skip
@@ -281,7 +304,7 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.autotune(configs=_configs(_DKDV_CONFIGS), key=["seq_bucket", "BLOCK_D"],
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})  # fmt: skip
-@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # like the forward's q, k, v, o
     dk_ptr, dv_ptr,  # like k, v, out
@@ -303,6 +326,7 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along d
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -317,7 +341,7 @@ def _attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < len_k
-    d_ok = offs_d < head_dim
+    d_ok = _d_ok(offs_d, head_dim, BLOCK_D, EVEN_D)
     tok_n = start + offs_n
     nd_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -367,7 +391,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.autotune(configs=_configs(_DQ_CONFIGS), key=["seq_bucket", "BLOCK_D"],
                  prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})  # fmt: skip
-@triton.jit(do_not_specialize=_RUNTIME_FLAGS)
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,
     dq_ptr,  # like q, out
@@ -387,6 +411,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along d
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -400,7 +425,7 @@ def _attention_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
-    d_ok = offs_d < head_dim
+    d_ok = _d_ok(offs_d, head_dim, BLOCK_D, EVEN_D)
     tok_m = start + offs_m
     md_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -455,10 +480,25 @@ def _attention_keep_mask_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def _unit_d(t: torch.Tensor) -> torch.Tensor:
-    """Any batch / head / token strides are read in place; a head_dim stride other than 1 (rare) is copied, so
-    Triton always compiles the unit-stride variant the compile gate checks (it specialises an int equal to 1)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _is_aligned(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and all(s % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernels can read it in place: unit head_dim stride, other strides multiples of 16
+    elements, 16-byte aligned base; so transformers' transposed [B, H, S, D] views and packed [total, H, D]
+    tensors are not copied. Anything else (a strided or offset view; rare) becomes a fresh contiguous copy, whose
+    strides are products of sizes that include head_dim (a multiple of 16). Triton then always specialises the
+    launch on 16-divisible strides and aligned pointers: the variant the compile gate compiles, with 16-byte
+    vector loads."""
+    if _is_aligned(t):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _aligned_base(t: torch.Tensor) -> torch.Tensor:
+    """t (mask or cu_seqlens) itself when its base is 16-byte aligned, else a copy (which is)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _check_offsets(*tensors: torch.Tensor) -> None:
@@ -498,19 +538,20 @@ class _Layout:
         if self.varlen:
             self.batch, self.heads, self.head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
             self.seq_q, self.seq_k, self.max_q = q.shape[0], max_seqlen, max_seqlen
-            self.cu = cu_seqlens
+            self.cu = _aligned_base(cu_seqlens)
         else:
             self.batch, self.heads, self.seq_q, self.head_dim = q.shape
             self.seq_k, self.max_q = k.shape[2], q.shape[2]
             self.cu = _placeholder(q.device, torch.int32)
         self.has_mask = mask is not None
-        self.mask = mask if mask is not None else _placeholder(q.device, torch.int8).view(1, 1)
+        self.mask = _aligned_base(mask) if mask is not None else _placeholder(q.device, torch.int8).view(1, 1)
         self.block_d = max(32, triton.next_power_of_2(self.head_dim))
+        self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
 
     def flags(self, dropout_p: float, seed: int) -> tuple:
-        return (int(self.varlen), int(self.has_mask),
-                dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), seed, seq_bucket(self.max_q))  # fmt: skip
+        return (int(self.varlen), int(self.has_mask), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+                philox_seed(seed), seq_bucket(self.max_q))  # fmt: skip
 
 
 def attention_fwd(
@@ -528,8 +569,8 @@ def attention_fwd(
     """Padded: q [B, H, Sq, D], k, v [B, H, Sk, D] (any strides), mask None or [B, Sk] int8 (1 = attend, unit
     stride). Varlen: q, k, v [total, H, D], cu_seqlens [B + 1] int32, max_seqlen. ``out`` (optional, written
     in place) may have any strides. Returns (out, lse fp32 base 2, indexed as described in the module docstring)."""
-    q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
-    assert out is None or out.stride(-1) == 1
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    assert out is None or _is_aligned(out), "out must have a unit last stride, other strides multiples of 16"
     _check_offsets(q, k, v, *([] if out is None else [out]))
     lay = _Layout(q, k, cu_seqlens, max_seqlen, mask)
     scale = lay.head_dim**-0.5 if scale is None else scale
@@ -543,7 +584,7 @@ def attention_fwd(
         q, k, v, out, lse, lay.mask, lay.cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.mask.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed),
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
     return out, lse
 
@@ -564,7 +605,7 @@ def attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of attention_fwd (same arguments, plus do like out and the saved out and lse). Returns
     (dq, dk, dv), contiguous, in the inputs' shapes and dtype."""
-    do, q, k, v, out = _unit_d(do), _unit_d(q), _unit_d(k), _unit_d(v), _unit_d(out)
+    do, q, k, v, out = _aligned(do), _aligned(q), _aligned(k), _aligned(v), _aligned(out)
     _check_offsets(do, q, k, v, out)
     lay = _Layout(q, k, cu_seqlens, max_seqlen, mask)
     scale = lay.head_dim**-0.5 if scale is None else scale
@@ -577,7 +618,7 @@ def attention_bwd(
     _attention_bwd_preprocess_kernel[(triton.cdiv(lay.max_q, _PREPROCESS_BLOCK_M), lay.batch * lay.heads)](
         out, do, delta, lay.cu, *_strides(out), *_strides(do),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
-        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d,
+        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d,
     )  # fmt: skip
     flags = lay.flags(dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
@@ -587,14 +628,14 @@ def attention_bwd(
         q, k, v, do, dk, dv, lse, delta, lay.mask, lay.cu,
         *common, *_strides(dk), *_strides(dv), lay.mask.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, do, dq, lse, delta, lay.mask, lay.cu,
         *common, *_strides(dq), lay.mask.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -608,7 +649,7 @@ def dropout_keep_mask(
     rows = batch * heads * seq_q
     keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
     _attention_keep_mask_kernel[(triton.cdiv(rows, 16), triton.cdiv(seq_k, 64))](
-        keep, rows, seq_k, dropout_threshold(p), seed, BLOCK_M=16, BLOCK_N=64
+        keep, rows, seq_k, dropout_threshold(p), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
     )
     return keep.bool().view(batch, heads, seq_q, seq_k)
 
@@ -616,10 +657,10 @@ def dropout_keep_mask(
 # ----------------------------------------------------------------------------------------------- compile gate
 def _signature(names: str, dtype: str) -> dict[str, str]:
     """Kernel signature from a compact spec: 'T' pointers get the input dtype, 'F' fp32 pointers, 'B' int8,
-    'C' int32 pointers, 'i' i32, 'l' i64, 'f' fp32 scalars, 'c' and '1' constexpr (the head_dim strides, always 1:
-    see _unit_d)."""
-    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "i": "i32", "l": "i64", "f": "fp32",
-             "c": "constexpr", "1": "constexpr"}  # fmt: skip
+    'C' int32 pointers, 'i' i32, 'a' i32 divisible by 16 (the strides _aligned guarantees), 'l' i64, 'f' fp32
+    scalars, 'c' and '1' constexpr (the head_dim strides, always 1: see _aligned)."""
+    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "i": "i32", "a": "i32", "l": "i64",
+             "f": "fp32", "c": "constexpr", "1": "constexpr"}  # fmt: skip
     return {name: kinds[kind] for name, kind in (item.split(":") for item in names.split())}
 
 
@@ -627,30 +668,37 @@ def _unit_strides(sig: str) -> dict[str, int]:
     return {item.split(":")[0]: 1 for item in sig.split() if item.endswith(":1")}
 
 
-_STRIDES = "stride_{0}b:i stride_{0}h:i stride_{0}{1}:i stride_{0}d:1"
-_FLAGS = "is_varlen:i has_mask:i dropout_threshold:l dropout_scale:f seed:l seq_bucket:i"
+def _divisible(sig: str) -> tuple[str, ...]:
+    """The arguments Triton specialises as divisible by 16 on every launch: all pointers (16-byte aligned: fresh
+    allocations, or inputs _aligned / _aligned_base checked) and the 'a' strides."""
+    items = [item.split(":") for item in sig.split()]
+    return tuple(name for name, kind in items if kind in "TFBCa")
+
+
+_STRIDES = "stride_{0}b:a stride_{0}h:a stride_{0}{1}:a stride_{0}d:1"
+_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed:l seq_bucket:i"
 _FWD_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F mask_ptr:B cu_seqlens_ptr:C "
     + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))
-    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:i qk_scale:f " + _FLAGS
-    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c"
+    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:a qk_scale:f " + _FLAGS
+    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _BWD_COMMON = " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m")))
 _DKDV_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dk_ptr:T dv_ptr:T lse_ptr:F delta_ptr:F mask_ptr:B cu_seqlens_ptr:C "
     + _BWD_COMMON + " " + _STRIDES.format("dk", "n") + " " + _STRIDES.format("dv", "n")
-    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:i sm_scale:f qk_scale:f " + _FLAGS
-    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c"
+    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
+    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _DQ_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dq_ptr:T lse_ptr:F delta_ptr:F mask_ptr:B cu_seqlens_ptr:C "
     + _BWD_COMMON + " " + _STRIDES.format("dq", "m")
-    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:i sm_scale:f qk_scale:f " + _FLAGS
-    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c"
+    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
+    + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _PRE_SIG = (
     "o_ptr:T do_ptr:T delta_ptr:F cu_seqlens_ptr:C " + _STRIDES.format("o", "m") + " " + _STRIDES.format("do", "m")
-    + " seq_q:i seq_k:i heads:i head_dim:i is_varlen:i BLOCK_M:c BLOCK_D:c"
+    + " seq_q:i seq_k:i heads:i head_dim:a is_varlen:i BLOCK_M:c BLOCK_D:c EVEN_D:c"
 )  # fmt: skip
 
 
@@ -660,32 +708,42 @@ def _expect_wgmma(kind: str, dtype: str, bm: int, bn: int) -> bool:
     return dtype != "fp32" and (bn if kind == "dkdv" else bm) >= 64
 
 
+def _even_d_values(block_d: int) -> tuple[bool, ...]:
+    """head_dim 32, 64 and 128 fill their block (EVEN_D); 80 and 96 run masked in the 128 block."""
+    return (True, False) if block_d == 128 else (True,)
+
+
 def gate_cases() -> list[GateCase]:
-    """Every compilation the launchers may request: each applicable config x dtype x head-dim block, for the
-    forward, the backward preprocess, dk/dv and dq kernels. Masks, varlen and dropout are runtime flags, so one
-    compilation covers them all."""
+    """Every compilation the launchers may request: each applicable config x dtype x head-dim block x EVEN_D, for
+    the forward, the backward preprocess, dk/dv and dq kernels. Masks, varlen and the sizes are runtime
+    arguments (not specialised), so one compilation covers them all. The 16-bit tiles must load 16 bytes at a
+    time (vector_loads) wherever d is unmasked."""
     cases = []
     for dtype in ("fp16", "bf16", "fp32"):
         for block_d in (32, 64, 128):
-            for (kind, fn, table, sig), drop in itertools.product(
-                (
-                    ("fwd", _attention_fwd_kernel.fn, _FWD_CONFIGS, _FWD_SIG),
-                    ("dkdv", _attention_bwd_dkdv_kernel.fn, _DKDV_CONFIGS, _DKDV_SIG),
-                    ("dq", _attention_bwd_dq_kernel.fn, _DQ_CONFIGS, _DQ_SIG),
-                ),
-                (False, True),
-            ):
-                for bm, bn, nw, ns in _applicable(table, dtype, block_d, drop):
-                    cases.append(GateCase(
-                        f"attention_{kind}-{dtype}-d{block_d}-drop{int(drop)}-m{bm}n{bn}w{nw}s{ns}", fn,
-                        _signature(sig, dtype),
-                        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "HAS_DROPOUT": drop} | _unit_strides(sig),
-                        nw, ns,
-                        expect_wgmma_sm90=_expect_wgmma(kind, dtype, bm, bn),
-                    ))  # fmt: skip
-            cases.append(GateCase(
-                f"attention_bwd_preprocess-{dtype}-d{block_d}", _attention_bwd_preprocess_kernel,
-                _signature(_PRE_SIG, dtype),
-                {"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_D": block_d} | _unit_strides(_PRE_SIG), 4,
-            ))  # fmt: skip
+            for even_d in _even_d_values(block_d):
+                d_tag = f"d{block_d}" if even_d else f"d{block_d}masked"
+                for (kind, fn, table, sig), drop in itertools.product(
+                    (
+                        ("fwd", _attention_fwd_kernel.fn, _FWD_CONFIGS, _FWD_SIG),
+                        ("dkdv", _attention_bwd_dkdv_kernel.fn, _DKDV_CONFIGS, _DKDV_SIG),
+                        ("dq", _attention_bwd_dq_kernel.fn, _DQ_CONFIGS, _DQ_SIG),
+                    ),
+                    (False, True),
+                ):
+                    for bm, bn, nw, ns in _applicable(table, dtype, block_d, drop):
+                        constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "HAS_DROPOUT": drop,
+                                      "EVEN_D": even_d} | _unit_strides(sig)  # fmt: skip
+                        cases.append(GateCase(
+                            f"attention_{kind}-{dtype}-{d_tag}-drop{int(drop)}-m{bm}n{bn}w{nw}s{ns}", fn,
+                            _signature(sig, dtype), constexprs, nw, ns,
+                            expect_wgmma_sm90=_expect_wgmma(kind, dtype, bm, bn),
+                            divisible=_divisible(sig), vector_loads=dtype != "fp32",
+                        ))  # fmt: skip
+                cases.append(GateCase(
+                    f"attention_bwd_preprocess-{dtype}-{d_tag}", _attention_bwd_preprocess_kernel,
+                    _signature(_PRE_SIG, dtype),
+                    {"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_D": block_d, "EVEN_D": even_d} | _unit_strides(_PRE_SIG), 4,
+                    divisible=_divisible(_PRE_SIG), vector_loads=dtype != "fp32",
+                ))  # fmt: skip
     return cases

@@ -44,11 +44,20 @@ def num_programs_for(device, per_sm: int = 4, interpreter: int = 4) -> int:
 
 
 def dropout_threshold(p: float) -> int:
-    """The uint32 threshold of a dropout keep-mask: an element is kept iff its 32-bit random draw is >= it, so
-    the keep probability is 1 - p to within 2^-32."""
+    """The threshold of a dropout keep-mask, in the signed form dropout_keep compares with: an element is kept iff
+    its 32-bit random draw u satisfies u >= t (unsigned), so the keep probability is 1 - p to within 2^-32; t is
+    passed as t - 2^31, which always fits an int32, so every p launches the same compiled kernel (a Python int
+    of 2^31 or more would make Triton compile an int64 variant for p >= 0.5)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return min(int(p * 4294967296.0), 4294967295)
+    return min(int(p * 4294967296.0), 4294967295) - 2**31
+
+
+def philox_seed(seed: int) -> int:
+    """The Philox key the kernels get for a dropout seed: seed mod 2^62, plus 2^62. Always in [2^62, 2^63), so
+    Triton types it int64 on every launch (a small seed would otherwise compile an int32 variant of the kernel,
+    one the compile gate does not check)."""
+    return seed % 2**62 + 2**62
 
 
 @triton.jit
@@ -58,13 +67,14 @@ def dropout_keep(seed, row_ids, row_counters, col_start, threshold, BLOCK_M: tl.
     Element (row, col) takes lane ``col % 4`` of the Philox draw at counter ``row * row_counters + col // 4``
     (64-bit counter, ``row_counters = cdiv(row_length, 4)``), so one Philox evaluation serves four elements and
     the mask is the same whatever the tiling, as long as ``col_start`` is a multiple of 4. Kept iff the 32-bit
-    draw is >= ``threshold`` (see dropout_threshold). Forward and backward call this with the same arguments, so
-    the mask is regenerated instead of stored.
+    draw is >= the unsigned threshold, compared in int32 as (draw - 2^31) >= ``threshold`` (the signed form
+    dropout_threshold returns: flipping the top bit maps unsigned order onto signed order). Forward and backward
+    call this with the same arguments, so the mask is regenerated instead of stored.
     """
     counters = row_ids.to(tl.int64)[:, None] * row_counters + (col_start // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-    return draws.to(tl.int64) >= threshold
+    return (draws ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +91,14 @@ class GateCase:
     archs: tuple[int, ...] | None = None
     # On sm_90, require warp-group MMA (wgmma) in the TTGIR: tensor-core kernels must not fall back.
     expect_wgmma_sm90: bool = False
+    # Arguments compiled as divisible by 16 (pointers 16-byte aligned, integers multiples of 16), as Triton's
+    # launcher specialises them at run time: the gate must compile the variant that actually runs. Which
+    # arguments qualify is the kernel module's promise (its launchers ensure it; tests/test_launch_spec.py
+    # checks real launches against it).
+    divisible: tuple[str, ...] = ()
+    # Require that no global load moves a lone 16-bit element (ld.global.b16 in the PTX): the 16-bit tiles of
+    # this kernel must load vectors (cp.async or ld.global.v*), not element by element.
+    vector_loads: bool = False
 
 
 TORCH_TO_TRITON = {

@@ -35,6 +35,7 @@ class GateResult:
     registers: int
     spill_stores: int  # STL instructions in the SASS: register spills to local memory
     wgmma: bool
+    narrow_loads: int  # 2-byte global loads in the PTX (see narrow_loads)
 
 
 def all_cases(modules=KERNEL_MODULES):
@@ -65,13 +66,30 @@ def compile_case(case, arch: int) -> GateResult:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=divisibility_attrs(case))
     compiled = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps, "num_stages": case.num_stages}
     )
     regs, spills = _resource_usage(compiled.asm["cubin"])
     wgmma = "warp_group_dot" in compiled.asm["ttgir"] or "wgmma" in compiled.asm["ttgir"]
-    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma)
+    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma, narrow_loads(compiled.asm["ptx"]))
+
+
+def divisibility_attrs(case) -> dict[tuple[int, ...], list]:
+    """ASTSource attrs marking case.divisible as divisible by 16 (what Triton's launcher passes for a pointer
+    that is 16-byte aligned or an integer that is a multiple of 16)."""
+    names = case.fn.arg_names
+    unknown = set(case.divisible) - set(names)
+    if unknown:
+        raise ValueError(f"{case.name}: divisible names unknown arguments {sorted(unknown)}")
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in case.divisible}
+
+
+def narrow_loads(ptx: str) -> int:
+    """Global loads of a single 2-byte element in a PTX listing: the sign of a 16-bit tile loaded element by
+    element (no cp.async, no vector loads) instead of up to 16 bytes a thread. (cp.async copies of 4 or 8 bytes
+    are not counted: a tile with fewer elements than 8 a thread, or an fp32 row vector, legitimately uses them.)"""
+    return len(re.findall(r"\bld\.global(?:\.[a-z0-9_:]+)*\.[bfu]16\s", ptx))
 
 
 def _compile_one(args: tuple[tuple[str, ...], int, int]) -> dict:
@@ -119,7 +137,7 @@ if __name__ == "__main__":
         state = (
             r["error"].splitlines()[0][:100]
             if r["error"]
-            else f"shared={r['shared']} regs={r['registers']} spills={r['spill_stores']}"
+            else f"shared={r['shared']} regs={r['registers']} spills={r['spill_stores']} narrow={r['narrow_loads']}"
         )
         print(f"sm_{r['arch']} {r['name']:48s} {state}")
     print(f"{len(results)} compilations in {time.time() - t0:.1f}s")

