@@ -62,7 +62,7 @@ def sweep_linear_gelu() -> None:
                 def run(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, gm=gm, store=store, h=h, grid=grid):
                     return kern[grid](x, w, b, y, h, M, N, K, K, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                       GROUP_M=gm, APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32",
-                                      num_warps=nw, num_stages=ns)  # fmt: skip
+                                      EPILOGUE_HALVES=bn >= 256, num_warps=nw, num_stages=ns)  # fmt: skip
 
                 try:
                     k = run()

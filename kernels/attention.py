@@ -27,10 +27,13 @@ its lse); ``row_counters = cdiv(seq_k, 4)`` (seq_k = max_seqlen for varlen).
 Memory: eager attention writes and reads the [B, H, S, S] scores and probabilities several times (fwd + bwd);
 this reads q, k, v once per query/key block and stores out and lse (O(S) per head).
 
-Limits: head_dim in {32, 64, 80, 96, 128} (80 and 96 run in a 128-wide block with a mask on d); fp16, bf16,
-fp32 (fp32 uses IEEE dots: exact but slow, small tiles); a unit head_dim stride (other strides are copied first);
-offsets within one (batch, head) slice below 2^31 elements (ValueError otherwise). Mask, varlen and the sizes are
-runtime arguments; dropout is a compile-time flag (its Philox code would otherwise cost registers when unused).
+Limits: head_dim in {32, 64, 80, 96, 128} (80 and 96 run in a 128-wide block with a mask on d; 32, 64 and 128
+fill their block and run without one, EVEN_D); fp16, bf16, fp32 (fp32 uses IEEE dots: exact but slow, small
+tiles); q, k, v read in place when 16-byte aligned with a unit head_dim stride and other strides multiples of 16
+elements, as transformers' views and packed tensors are (anything else is copied first, see _aligned: the tiles
+then load 16 bytes a thread); offsets within one (batch, head) slice below 2^31 elements (ValueError otherwise).
+Mask, varlen and the sizes are runtime arguments; dropout is a compile-time flag (its Philox code would
+otherwise cost registers when unused).
 """
 
 from __future__ import annotations

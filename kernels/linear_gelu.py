@@ -46,15 +46,19 @@ _MAX_M_BUCKET = 8192  # rows beyond this tune alike: the grid is large enough ei
 
 # ----------------------------------------------------------------------------------------------- tuning
 def _config(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "EPILOGUE_HALVES": bn >= 256}
+    return triton.Config(kwargs,
                          num_warps=warps, num_stages=stages)  # fmt: skip
 
 
-# fp16 / bf16 on Ampere and Hopper: 64 fp32 accumulators a thread, which leaves room for the GELU epilogue
-# (128 a thread, as in 128x256 tiles on 8 warps or 128x128 on 4, spills once the epilogue's erf is live).
+# fp16 / bf16 on Ampere and Hopper: 64 fp32 accumulators a thread leave room for the GELU epilogue; with 128 a
+# thread (128x256 tiles on 8 warps) the whole-tile epilogue spilled once the erf was live, hence the halves.
 HALF_CONFIGS = (
     _config(128, 128, 64, 8, 4),
     _config(64, 128, 64, 4, 4),
+    # The tile Triton's matmul tutorial uses on Hopper, with the epilogue in column halves (whole, it spilled);
+    # 230-255 registers in the gate: a candidate for the autotuner to time, not a certain win (not yet measured).
+    _config(128, 256, 64, 8, 3),
 )
 # float32 (TF32 or IEEE): not BERT's training dtype; one moderate tile that fits registers in IEEE mode.
 FP32_CONFIGS = (_config(64, 64, 32, 4, 3),)
@@ -142,6 +146,7 @@ def _linear_gelu_fwd_kernel(
     APPROX: tl.constexpr,  # 0: exact erf GELU, 1: tanh form
     STORE_PREACT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "tf32" or "ieee" (ignored for 16-bit inputs)
+    EPILOGUE_HALVES: tl.constexpr,  # the epilogue in two column halves (wide tiles: fewer live registers)
 ):
     N = _multiple_of_8(N)
     K = _multiple_of_8(K)
@@ -177,14 +182,30 @@ def _linear_gelu_fwd_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    row_ok = rows < M
+    # 64-bit tile base, 32-bit offsets within the tile: half the registers of 64-bit offsets per element.
+    tile_base = (pid_m * BLOCK_M).to(tl.int64) * N
+    if EPILOGUE_HALVES:
+        # Wide tiles: bias + GELU + store one column half at a time, so the GELU's temporaries cover half the
+        # accumulator (the whole-tile epilogue spilled at 128x256 on sm_90).
+        acc_left, acc_right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        half = tl.arange(0, BLOCK_N // 2)
+        _epilogue(acc_left, rows, pid_n * BLOCK_N + half, tile_base, b_ptr, y_ptr, h_ptr, M, N,
+                  BLOCK_M, APPROX, STORE_PREACT)  # fmt: skip
+        _epilogue(acc_right, rows, pid_n * BLOCK_N + BLOCK_N // 2 + half, tile_base, b_ptr, y_ptr, h_ptr, M, N,
+                  BLOCK_M, APPROX, STORE_PREACT)  # fmt: skip
+    else:
+        _epilogue(acc, rows, cols, tile_base, b_ptr, y_ptr, h_ptr, M, N, BLOCK_M, APPROX, STORE_PREACT)
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, tile_base, b_ptr, y_ptr, h_ptr, M, N, BLOCK_M: tl.constexpr, APPROX: tl.constexpr,
+              STORE_PREACT: tl.constexpr):  # fmt: skip
+    """h = acc + bias, y = gelu(h); store y (and h when STORE_PREACT) for these rows and columns."""
     col_ok = cols < N
     h = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y, _ = _gelu_and_grad(h, APPROX, False)
-    # 64-bit tile base, 32-bit offsets within the tile: half the registers of 64-bit offsets per element.
-    tile_base = (pid_m * BLOCK_M).to(tl.int64) * N
     out_offs = tl.arange(0, BLOCK_M)[:, None] * N + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
+    mask = (rows < M)[:, None] & col_ok[None, :]
     tl.store(y_ptr + tile_base + out_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_PREACT:
         tl.store(h_ptr + tile_base + out_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
@@ -298,7 +319,8 @@ def _fwd_signature(dt: str) -> dict[str, str]:
     return {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "h_ptr": f"*{dt}",
             "M": "i32", "N": "i32", "K": "i32", "stride_x_row": "i32", "stride_w_row": "i32", "M_BUCKET": "i32",
             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr",
-            "APPROX": "constexpr", "STORE_PREACT": "constexpr", "INPUT_PRECISION": "constexpr"}  # fmt: skip
+            "APPROX": "constexpr", "STORE_PREACT": "constexpr", "INPUT_PRECISION": "constexpr",
+            "EPILOGUE_HALVES": "constexpr"}  # fmt: skip
 
 
 # Both 16-bit dtypes (60 compilations, about 60 s cold on 2 cores). Should CI's budget tighten, fp16 can go: it
