@@ -125,6 +125,13 @@ def _pruner(table):
     return prune
 
 
+# The autotuner caches its choice per key (plus the tensors' dtypes, which Triton adds itself), so the key must
+# name every argument the pruning reads: without HAS_DROPOUT, a dropout launch after an inference launch of the
+# same length reused the inference config (one the compile gate never compiles with dropout, and larger tiles
+# spill with it).
+_TUNE_KEY = ["seq_bucket", "BLOCK_D", "HAS_DROPOUT"]
+
+
 def seq_bucket(max_seqlen: int) -> int:
     """Autotuning key of the sequence length: powers of two up to 1024, so variable shapes do not retune forever."""
     return min(triton.next_power_of_2(max(1, max_seqlen)), 1024)
@@ -176,7 +183,7 @@ def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
     return start, len_q, len_k
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS), key=["seq_bucket", "BLOCK_D"],
+@triton.autotune(configs=_configs(_FWD_CONFIGS), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_fwd_kernel(
@@ -305,7 +312,7 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + rows, delta, mask=offs_m < len_q)
 
 
-@triton.autotune(configs=_configs(_DKDV_CONFIGS), key=["seq_bucket", "BLOCK_D"],
+@triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_dkdv_kernel(
@@ -392,7 +399,7 @@ def _attention_bwd_dkdv_kernel(
              dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)  # fmt: skip
 
 
-@triton.autotune(configs=_configs(_DQ_CONFIGS), key=["seq_bucket", "BLOCK_D"],
+@triton.autotune(configs=_configs(_DQ_CONFIGS), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_dq_kernel(

@@ -254,3 +254,29 @@ def test_linear_gelu_odd_layouts_are_gated():
         y = ops.linear_gelu(x, weight, bias)
         y.backward(_rand(64, 96, dtype=torch.float16)[:, 1:49])
     assert_covered(launches)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_attention_autotune_key_separates_pruned_configs(kind):
+    """On a GPU the autotuner caches one config per key (plus the tensors' dtypes) and reuses it for any launch
+    with that key: two launches whose pruning keeps different configs must differ in the key, or the second
+    reuses a config that was never compiled (nor gated) for it. (The interpreter runs one config, so the launch
+    checks above cannot see this.)"""
+    from fastbert.kernels import attention as at
+
+    kernel, table = {
+        "fwd": (at._attention_fwd_kernel, at._FWD_CONFIGS),
+        "dkdv": (at._attention_bwd_dkdv_kernel, at._DKDV_CONFIGS),
+        "dq": (at._attention_bwd_dq_kernel, at._DQ_CONFIGS),
+    }[kind]
+    chosen = {}
+    for dtype in ("fp16", "bf16", "fp32"):
+        for block_d in (32, 64, 128):
+            for dropout in (False, True):
+                args = {"BLOCK_D": block_d, "HAS_DROPOUT": dropout}
+                key = (dtype, *(args.get(name, "any") for name in kernel.keys))
+                configs = at._applicable(table, dtype, block_d, dropout)
+                assert len(configs) == 1, (dtype, block_d, dropout, configs)
+                assert chosen.setdefault(key, configs) == configs, (
+                    f"key {key} serves {chosen[key]} and {configs}: add what tells them apart to the key"
+                )
