@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The evidence a lent GPU session should gather, in parts that each fit one device call (10 minutes), written
+# under $OUT (the device tool's result folder; a local folder otherwise). Run from the repository root:
+#
+#   bash benchmarks/gpu_session.sh tests      # GPU test suite (bf16, BERT shapes, GPU fine-tune) + GPU facts
+#   bash benchmarks/gpu_session.sh ops        # the three per-op benchmarks, quick shapes, then the config sweeps
+#   bash benchmarks/gpu_session.sh bert       # fastbert bench --quick (inference and training step)
+#   bash benchmarks/gpu_session.sh audit-ops  # ../shared/gpu_audit.py, one section a call (copied to .audit/
+#   bash benchmarks/gpu_session.sh audit-e2e  #   and carried: see ../shared/GPU.md)
+#   bash benchmarks/gpu_session.sh audit-train
+#
+# Then copy what came back into benchmarks/results/<gpu>/ and commit it with the commit it was measured on.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-session-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+  git rev-parse HEAD
+  git status --porcelain | head -5
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} >"$OUT/gpu.txt" 2>&1
+
+case "${1:-}" in
+tests)
+  timeout 560 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
+  ;;
+ops)
+  timeout 240 python3 benchmarks/bench_attention.py --quick --out "$OUT" 2>&1 | tee "$OUT/ops.log"
+  timeout 120 python3 benchmarks/bench_linear_gelu.py --quick --out "$OUT" 2>&1 | tee -a "$OUT/ops.log"
+  timeout 60 python3 benchmarks/bench_add_layer_norm.py --quick --out "$OUT" 2>&1 | tee -a "$OUT/ops.log"
+  timeout 150 python3 benchmarks/sweep_configs.py attention attention_bwd linear_gelu 2>&1 | tee "$OUT/sweep.log"
+  ;;
+bert)
+  timeout 580 fastbert bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  ;;
+audit-ops | audit-e2e | audit-train)
+  timeout 580 python3 .audit/gpu_audit.py --out "$OUT" --sections "${1#audit-}" 2>&1 | tee "$OUT/audit.log"
+  ;;
+*)
+  echo "usage: bash benchmarks/gpu_session.sh tests|ops|bert|audit-ops|audit-e2e|audit-train" >&2
+  exit 2
+  ;;
+esac
