@@ -19,6 +19,7 @@ import tempfile
 KERNEL_MODULES = (
     "fastbert.kernels.add_layer_norm",
     "fastbert.kernels.linear_gelu",
+    "fastbert.kernels.linear_gelu_sm90",
     "fastbert.kernels.attention",
 )
 

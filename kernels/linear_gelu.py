@@ -19,6 +19,9 @@ Backward, with h saved by the forward (STORE_PREACT, in the input dtype, like ea
 dh and per-tile fp32 column sums of it come from one elementwise Triton kernel; the launcher sums the partials
 (deterministic, no atomics) and hands the two GEMMs to PyTorch (cuBLAS).
 
+On Hopper, 16-bit forwards have a second kernel, fastbert.kernels.linear_gelu_sm90 (TMA tile loads, persistent
+grid, the same epilogue); the launcher times both once per shape and keeps the faster (see _use_sm90).
+
 Save or recompute h: storing it in the forward epilogue costs one M·N write there and one M·N read in the
 backward, while recomputing it costs a whole extra GEMM (2·M·N·K FLOPs, a third of the backward's GEMM work) for
 the same M·N read of its result. Saving wins, but only when a backward will run: the launcher stores h only when
@@ -33,6 +36,8 @@ the one the compile gate checks.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -150,15 +155,7 @@ def _linear_gelu_fwd_kernel(
 ):
     N = _multiple_of_8(N)
     K = _multiple_of_8(K)
-    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so weight tiles are reused from L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -182,6 +179,27 @@ def _linear_gelu_fwd_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    store_tile(acc, pid_m, pid_n, b_ptr, y_ptr, h_ptr, M, N, BLOCK_M, BLOCK_N, APPROX, STORE_PREACT, EPILOGUE_HALVES)
+
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `tile`, in grouped order: GROUP_M row tiles sweep the column
+    tiles together, so weight tiles are reused from L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (tile // group_size) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % group_size) % group_m, (tile % group_size) // group_m
+
+
+@triton.jit
+def store_tile(acc, pid_m, pid_n, b_ptr, y_ptr, h_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               APPROX: tl.constexpr, STORE_PREACT: tl.constexpr, EPILOGUE_HALVES: tl.constexpr):  # fmt: skip
+    """The epilogue of an output tile: bias, GELU, store y (and h when STORE_PREACT). Shared with the Hopper
+    kernel (fastbert.kernels.linear_gelu_sm90)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # 64-bit tile base, 32-bit offsets within the tile: half the registers of 64-bit offsets per element.
     tile_base = (pid_m * BLOCK_M).to(tl.int64) * N
     if EPILOGUE_HALVES:
@@ -194,6 +212,7 @@ def _linear_gelu_fwd_kernel(
         _epilogue(acc_right, rows, pid_n * BLOCK_N + BLOCK_N // 2 + half, tile_base, b_ptr, y_ptr, h_ptr, M, N,
                   BLOCK_M, APPROX, STORE_PREACT)  # fmt: skip
     else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         _epilogue(acc, rows, cols, tile_base, b_ptr, y_ptr, h_ptr, M, N, BLOCK_M, APPROX, STORE_PREACT)
 
 
@@ -274,13 +293,51 @@ def linear_gelu_fwd(
         bias = torch.zeros(N, device=x2d.device, dtype=x2d.dtype)
     elif bias.data_ptr() % 16 != 0 or bias.stride(0) != 1:
         bias = bias.contiguous() if bias.stride(0) != 1 else bias.clone()
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _linear_gelu_fwd_kernel[grid](
-        x2d, weight, bias, y, h if store_preact else y,
-        M, N, K, x2d.stride(0), weight.stride(0), m_bucket(M),
-        APPROX=_APPROX[approximate], STORE_PREACT=store_preact, INPUT_PRECISION=_input_precision(x2d.dtype),
-    )  # fmt: skip
+    h_out = h if store_preact else y  # not written without STORE_PREACT
+
+    def portable():
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _linear_gelu_fwd_kernel[grid](
+            x2d, weight, bias, y, h_out,
+            M, N, K, x2d.stride(0), weight.stride(0), m_bucket(M),
+            APPROX=_APPROX[approximate], STORE_PREACT=store_preact, INPUT_PRECISION=_input_precision(x2d.dtype),
+        )  # fmt: skip
+
+    def hopper():
+        from fastbert.kernels import linear_gelu_sm90
+
+        linear_gelu_sm90.linear_gelu_fwd_sm90(x2d, weight, bias, y, h_out, approximate, store_preact, m_bucket(M))
+
+    key = (m_bucket(M), N, K, x2d.dtype, approximate, store_preact, x2d.device)
+    (hopper if _use_sm90(x2d, key, hopper, portable) else portable)()
     return y, h
+
+
+# Forward kernel per call shape on Hopper: True for the TMA kernel (fastbert.kernels.linear_gelu_sm90), False
+# for the portable one; decided once per key by timing both (each after its own autotuning).
+_SM90_CHOICE: dict[tuple, bool] = {}
+SM90_ENV = "FASTBERT_LINEAR_GELU_SM90"
+
+
+def _use_sm90(x2d: torch.Tensor, key: tuple, hopper, portable) -> bool:
+    """Whether this call runs the Hopper TMA kernel. FASTBERT_LINEAR_GELU_SM90=1 / 0 forces it on (where it
+    applies: 16-bit inputs on sm_90, or the interpreter) / off; unset, a Hopper GPU times both kernels on the
+    first call of each shape and keeps the faster. During CUDA-graph capture nothing can be timed: an untimed
+    shape runs the portable kernel (and is timed at its first call outside capture)."""
+    from fastbert.kernels import linear_gelu_sm90
+
+    forced = os.environ.get(SM90_ENV)
+    if forced in ("0", "1"):
+        return forced == "1" and linear_gelu_sm90.supported(x2d)
+    if interpreting() or not linear_gelu_sm90.supported(x2d):
+        return False
+    if key not in _SM90_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        hopper_ms = triton.testing.do_bench(hopper, warmup=10, rep=40)
+        portable_ms = triton.testing.do_bench(portable, warmup=10, rep=40)
+        _SM90_CHOICE[key] = hopper_ms < portable_ms
+    return _SM90_CHOICE[key]
 
 
 def linear_gelu_bwd(

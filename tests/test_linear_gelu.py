@@ -229,3 +229,46 @@ def test_epilogue_in_halves_matches_whole(m, n, dtype, approximate):
         )  # fmt: skip
         assert_matches_reference(y, ref_y, eager_y, name=f"y (halves={halves})")
         assert_matches_reference(h, ref_h, eager_h, name=f"h (halves={halves})")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("m, kn", [(1, (24, 40)), (7, (64, 48)), (130, (16, 32))], ids=["m1", "m7", "m130"])
+def test_sm90_forward_matches_reference(monkeypatch, m, kn, approximate):
+    """The Hopper forward (TMA descriptors, persistent grid), forced on: in the interpreter here, on sm_90 GPUs
+    there. Output and every gradient (the backward reads the pre-activation it stored)."""
+    from fastbert.kernels import linear_gelu as lg
+
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA kernel runs on sm_90 only")
+    monkeypatch.setenv(lg.SM90_ENV, "1")
+    dtypes = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
+    for dtype in dtypes:
+        check_against_reference(*make_inputs((m,), *kn, dtype), approximate=approximate)
+
+
+def test_hopper_kernel_choice_is_timed_once_per_shape(monkeypatch):
+    """On sm_90 the launcher times the TMA and the portable forward once per shape key and keeps the faster; it
+    never times during CUDA-graph capture; FASTBERT_LINEAR_GELU_SM90 overrides. (The GPU side is mocked here.)"""
+    from fastbert.kernels import linear_gelu as lg
+    from fastbert.kernels import linear_gelu_sm90
+
+    monkeypatch.delenv(lg.SM90_ENV, raising=False)
+    monkeypatch.setattr(lg, "interpreting", lambda: False)
+    monkeypatch.setattr(linear_gelu_sm90, "supported", lambda x: True)
+    monkeypatch.setattr(lg, "_SM90_CHOICE", {})
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    timed = []
+    monkeypatch.setattr(lg.triton.testing, "do_bench", lambda fn, **kw: (timed.append(fn), fn())[1])
+    x = torch.zeros(4, 8)
+
+    assert lg._use_sm90(x, "a", lambda: 1.0, lambda: 2.0) is True  # the TMA kernel is faster
+    assert lg._use_sm90(x, "b", lambda: 3.0, lambda: 2.0) is False
+    assert len(timed) == 4
+    assert lg._use_sm90(x, "a", lambda: 9.0, lambda: 2.0) is True  # cached: not timed again
+    assert len(timed) == 4
+    capturing[0] = True
+    assert lg._use_sm90(x, "c", lambda: 1.0, lambda: 2.0) is False  # no timing under capture ...
+    assert "c" not in lg._SM90_CHOICE and len(timed) == 4  # ... and no decision recorded
+    monkeypatch.setenv(lg.SM90_ENV, "0")
+    assert lg._use_sm90(x, "a", lambda: 1.0, lambda: 2.0) is False
