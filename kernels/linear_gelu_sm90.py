@@ -16,11 +16,13 @@ which the launcher's alignment rule already guarantees.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, interpreting
+from fastbert.kernels.common import GateCase, interpreting, sm_count
 from fastbert.kernels.linear_gelu import _APPROX, _multiple_of_8, _tile_coords, store_tile
 
 
@@ -86,7 +88,12 @@ def supported(x2d: torch.Tensor) -> bool:
         return False
     if interpreting():
         return True
-    return x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] == 9
+    return x2d.is_cuda and _is_hopper(x2d.device.index if x2d.device.index is not None else 0)
+
+
+@functools.cache
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 def linear_gelu_fwd_sm90(
@@ -111,7 +118,7 @@ def linear_gelu_fwd_sm90(
     if interpreting():
         programs = 3  # a few persistent programs, so that each walks several tiles
     else:
-        programs = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+        programs = sm_count(x2d.device.index if x2d.device.index is not None else 0)
 
     def grid(meta):
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
@@ -128,7 +135,7 @@ def gate_cases() -> list[GateCase]:
     cases = []
     for dt in ("fp16", "bf16"):
         for cfg in CONFIGS:
-            kw = {k: v for k, v in cfg.kwargs.items()}
+            kw = dict(cfg.kwargs)
             for approx_name, approx in _APPROX.items():
                 for store in (False, True):
                     signature = {
