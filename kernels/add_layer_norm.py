@@ -39,11 +39,13 @@ import triton.language as tl
 
 from fastbert.kernels.common import (
     GateCase,
+    aligned_base,
     dropout_keep,
     dropout_threshold,
     empty,
     num_programs_for,
     philox_seed,
+    pointer_args,
 )
 
 MAX_HIDDEN = 8192
@@ -247,12 +249,6 @@ def _add_layer_norm_keep_mask_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def _aligned_base(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its base is 16-byte aligned (fresh allocations always are), else a copy: Triton specialises
-    pointers on alignment, and the compile gate compiles the aligned variant."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
 def _is_aligned(n: int, *rows: torch.Tensor) -> bool:
     """The ALIGNED flag: N and every row stride a multiple of 16 elements."""
     return n % 16 == 0 and all(r.stride(0) % 16 == 0 for r in rows)
@@ -276,7 +272,7 @@ def add_layer_norm_fwd(
     if M == 0:
         return y, mean, rstd
     block_m, block_n, num_warps = fwd_config(N)
-    x, residual, weight, bias = (_aligned_base(t) for t in (x, residual, weight, bias))
+    x, residual, weight, bias = (aligned_base(t) for t in (x, residual, weight, bias))
     _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, residual, weight, bias, y, mean, rstd,
         x.stride(0), residual.stride(0), y.stride(0),
@@ -311,7 +307,7 @@ def add_layer_norm_bwd(
     param_grads = N <= MAX_HIDDEN_DROPOUT
     dw_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
     db_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
-    dy, x, residual, weight = (_aligned_base(t) for t in (dy, x, residual, weight))
+    dy, x, residual, weight = (aligned_base(t) for t in (dy, x, residual, weight))
     _add_layer_norm_bwd_kernel[(programs,)](
         dy, x, residual, weight, mean, rstd,
         dresidual, dx if has_dropout else dresidual, dw_partial, db_partial,
@@ -359,10 +355,6 @@ GATE_DTYPE_STANDIN = {"*fp16": "*bf16"}
 _VECTOR_LOADS_FROM = 512
 
 
-def _pointers(signature: dict[str, str]) -> tuple[str, ...]:
-    return tuple(name for name, kind in signature.items() if kind.startswith("*"))
-
-
 def gate_cases() -> list[GateCase]:
     """Every compilation the launchers above may request: each block size up to MAX_HIDDEN, dtypes, dropout,
     ALIGNED or not. Every pointer is 16-byte aligned (see the launchers); no integer is specialised."""
@@ -398,4 +390,4 @@ def gate_cases() -> list[GateCase]:
                     vector_loads=aligned and block_n >= _VECTOR_LOADS_FROM,
                 ))  # fmt: skip
         block_n *= 2
-    return [dataclasses.replace(c, divisible=_pointers(c.signature)) for c in cases]
+    return [dataclasses.replace(c, divisible=pointer_args(c.signature)) for c in cases]

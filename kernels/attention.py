@@ -44,7 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, dropout_keep, dropout_threshold, empty, interpreting, philox_seed
+from fastbert.kernels.common import (
+    GateCase,
+    aligned_base,
+    dropout_keep,
+    dropout_threshold,
+    empty,
+    interpreting,
+    philox_seed,
+)
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
@@ -506,11 +514,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _aligned_base(t: torch.Tensor) -> torch.Tensor:
-    """t (mask or cu_seqlens) itself when its base is 16-byte aligned, else a copy (which is)."""
-    return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
 def _check_offsets(*tensors: torch.Tensor) -> None:
     """Offsets inside one (batch, head) slice are int32 (fewer registers than int64 tiles of offsets); the slice
     base is int64. Say so rather than wrap around."""
@@ -548,13 +551,13 @@ class _Layout:
         if self.varlen:
             self.batch, self.heads, self.head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
             self.seq_q, self.seq_k, self.max_q = q.shape[0], max_seqlen, max_seqlen
-            self.cu = _aligned_base(cu_seqlens)
+            self.cu = aligned_base(cu_seqlens)
         else:
             self.batch, self.heads, self.seq_q, self.head_dim = q.shape
             self.seq_k, self.max_q = k.shape[2], q.shape[2]
             self.cu = _placeholder(q.device, torch.int32)
         self.has_mask = mask is not None
-        self.mask = _aligned_base(mask) if mask is not None else _placeholder(q.device, torch.int8).view(1, 1)
+        self.mask = aligned_base(mask) if mask is not None else _placeholder(q.device, torch.int8).view(1, 1)
         self.block_d = max(32, triton.next_power_of_2(self.head_dim))
         self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
@@ -680,7 +683,7 @@ def _unit_strides(sig: str) -> dict[str, int]:
 
 def _divisible(sig: str) -> tuple[str, ...]:
     """The arguments Triton specialises as divisible by 16 on every launch: all pointers (16-byte aligned: fresh
-    allocations, or inputs _aligned / _aligned_base checked) and the 'a' strides."""
+    allocations, or inputs _aligned / aligned_base checked) and the 'a' strides."""
     items = [item.split(":") for item in sig.split()]
     return tuple(name for name, kind in items if kind in "TFBCa")
 

@@ -43,6 +43,18 @@ def num_programs_for(device, per_sm: int = 4, interpreter: int = 4) -> int:
     return interpreter
 
 
+def aligned_base(t):
+    """t itself when its base is 16-byte aligned (fresh allocations always are), else a copy (which is). Triton
+    specialises pointer arguments on 16-byte alignment; the launchers pass only aligned ones, so every launch
+    compiles the variant the compile gate checks."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def pointer_args(signature: dict[str, str]) -> tuple[str, ...]:
+    """The pointer arguments of a gate signature: what GateCase.divisible lists when every pointer is aligned."""
+    return tuple(name for name, kind in signature.items() if kind.startswith("*"))
+
+
 def dropout_threshold(p: float) -> int:
     """The threshold of a dropout keep-mask, in the signed form dropout_keep compares with: an element is kept iff
     its 32-bit random draw u satisfies u >= t (unsigned), so the keep probability is 1 - p to within 2^-32; t is

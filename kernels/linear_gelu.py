@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, empty, interpreting
+from fastbert.kernels.common import GateCase, aligned_base, empty, interpreting, pointer_args
 
 _APPROX = {"none": 0, "tanh": 1}
 _MAX_M_BUCKET = 8192  # rows beyond this tune alike: the grid is large enough either way
@@ -291,8 +291,8 @@ def linear_gelu_fwd(
     x2d, weight = _aligned(x2d), _aligned(weight)
     if bias is None:
         bias = torch.zeros(N, device=x2d.device, dtype=x2d.dtype)
-    elif bias.data_ptr() % 16 != 0 or bias.stride(0) != 1:
-        bias = bias.contiguous() if bias.stride(0) != 1 else bias.clone()
+    else:
+        bias = aligned_base(bias.contiguous())
     h_out = h if store_preact else y  # not written without STORE_PREACT
 
     def portable():
@@ -367,11 +367,6 @@ def linear_gelu_bwd(
 
 
 # ----------------------------------------------------------------------------------------------- compile gate
-def _pointers(signature: dict[str, str]) -> tuple[str, ...]:
-    """Every pointer argument: 16-byte aligned on every launch (fresh outputs; inputs copied otherwise)."""
-    return tuple(name for name, kind in signature.items() if kind.startswith("*"))
-
-
 def _fwd_signature(dt: str) -> dict[str, str]:
     return {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "h_ptr": f"*{dt}",
             "M": "i32", "N": "i32", "K": "i32", "stride_x_row": "i32", "stride_w_row": "i32", "M_BUCKET": "i32",
@@ -402,7 +397,7 @@ def gate_cases() -> list[GateCase]:
                     f"linear_gelu_fwd-{tag}", _linear_gelu_fwd_kernel.fn, _fwd_signature(dt),
                     dict(kw, APPROX=approx, STORE_PREACT=store, INPUT_PRECISION=precision),
                     cfg.num_warps, cfg.num_stages, expect_wgmma_sm90=dt != "fp32",
-                    divisible=_pointers(_fwd_signature(dt)),
+                    divisible=pointer_args(_fwd_signature(dt)),
                     # With 4 warps the epilogue loads the bias row one element a thread: one lone 2-byte load
                     # the check would count (the gate's PTX shows the tiles as 16-byte cp.async there too).
                     vector_loads=cfg.num_warps >= 8,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, interpreting, sm_count
+from fastbert.kernels.common import GateCase, interpreting, pointer_args, sm_count
 from fastbert.kernels.linear_gelu import _APPROX, _multiple_of_8, _tile_coords, store_tile
 
 
@@ -149,7 +149,7 @@ def gate_cases() -> list[GateCase]:
                         f"linear_gelu_fwd_sm90-{tag}-{dt}-{approx_name}-preact{int(store)}",
                         _linear_gelu_fwd_sm90_kernel.fn, signature,
                         kw | {"APPROX": approx, "STORE_PREACT": store}, cfg.num_warps, cfg.num_stages,
-                        archs=(90,), expect_wgmma_sm90=True, divisible=("b_ptr", "y_ptr", "h_ptr"),
+                        archs=(90,), expect_wgmma_sm90=True, divisible=pointer_args(signature),
                         vector_loads=True,
                     ))  # fmt: skip
     return cases
