@@ -148,7 +148,7 @@ def sweep_attention_bwd() -> None:
         lay = at._Layout(q, k, None, 0, mask)
         at._attention_bwd_preprocess_kernel[(triton.cdiv(S, at._PREPROCESS_BLOCK_M), B * H)](
             out, do, delta, lay.cu, *at._strides(out), *at._strides(do), S, S, H, D, 0,
-            BLOCK_M=at._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True)  # fmt: skip
+            BLOCK_M=at._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True, num_warps=at._PREPROCESS_WARPS)  # fmt: skip
         dq_t, dk_t, dv_t = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flags = lay.flags(0.0, 0)
         common = (*at._strides(q), *at._strides(k), *at._strides(v), *at._strides(do))

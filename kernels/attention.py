@@ -15,6 +15,11 @@ Forward, per block of queries (online softmax, fp32, base 2 with scale · log2(e
     l = l · 2^(m - m') + rowsum(p);   acc = acc · 2^(m - m') + dropout(p) · v;   out = acc / l
     lse = m + log2(l)     (saved, fp32, base 2; +inf for a query whose keys are all masked: its p is then 0)
 
+Masking costs nothing per score where it can: key blocks that are whole and unmasked (no padding mask) run a loop
+without any (scale and row max meet in one fma), the others add a 0 / -inf key bias inside the scale's fma
+(_key_bias); the forward and dq do the whole blocks first, then the rest. A select on a key predicate instead
+cost ~300 integer instructions of predicate bookkeeping per iteration in the SASS, more than the float work.
+
 Backward (recomputes p from lse instead of storing it), with delta = rowsum(dout · out) from a preprocess kernel:
 
     dv = dropout(p)ᵀ dout,   dp = dropout'(dout vᵀ),   ds = p · (dp - delta),   dk = dsᵀ q · scale,   dq = ds k · scale
@@ -68,9 +73,10 @@ _HALF = ("fp16", "bf16")
 _FWD_CONFIGS = (
     (128, 64, 8, 2, _HALF, (32, 64), False),
     (64, 64, 8, 2, _HALF, (32, 64), True),
-    (128, 64, 8, 2, _HALF, (128,), False),
+    (64, 32, 4, 2, _HALF, (128,), False),
     (64, 32, 8, 1, _HALF, (128,), True),
-    (32, 32, 8, 1, ("fp32",), (32, 64)),
+    (32, 32, 4, 1, ("fp32",), (32,)),
+    (32, 32, 8, 1, ("fp32",), (64,)),
     (16, 32, 8, 1, ("fp32",), (128,)),
 )
 # dk/dv holds two [BLOCK_N, BLOCK_D] fp32 accumulators and transposed tiles: smaller query blocks than dq.
@@ -83,20 +89,21 @@ _DKDV_CONFIGS = (
     (16, 32, 8, 1, _HALF, (128,), True),
     (16, 32, 8, 1, ("fp32",), (32, 128), False),
     (16, 32, 4, 1, ("fp32",), (64,), False),
-    (16, 32, 8, 1, ("fp32",), (64, 128), True),
-    (16, 32, 4, 1, ("fp32",), (32,), True),
+    (16, 32, 8, 1, ("fp32",), (32, 64, 128), True),
 )
 _DQ_CONFIGS = (
-    (128, 64, 8, 2, _HALF, (32, 64), False),
+    (128, 64, 8, 2, _HALF, (64,), False),
+    (64, 64, 4, 2, _HALF, (32,), False),
     (128, 32, 8, 2, _HALF, (32, 64), True),
     (32, 64, 8, 1, _HALF, (128,)),
-    (32, 32, 4, 1, ("fp32",), (32,)),
-    (16, 32, 4, 1, ("fp32",), (64,), False),
-    (16, 16, 4, 1, ("fp32",), (64,), True),
-    (16, 32, 8, 1, ("fp32",), (128,)),
+    (32, 32, 4, 1, ("fp32",), (32,), False),
+    (32, 32, 8, 1, ("fp32",), (32,), True),
+    (16, 16, 4, 1, ("fp32",), (64,)),
+    (16, 16, 8, 1, ("fp32",), (128,)),
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _PREPROCESS_BLOCK_M = 64
+_PREPROCESS_WARPS = 8  # 4 spilled one register for fp32 d128 on sm_80 (Triton 3.6's gate)
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -191,6 +198,66 @@ def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
     return start, len_q, len_k
 
 
+@triton.jit
+def _key_bias(mask_row_ptr, offs_n, n_ok, has_mask):
+    """0.0 for each key that may be attended (in the sequence and, with a mask, attended), -inf for the others:
+    added to the scores (inside one fma with the scale) instead of a select. A select needs a predicate per key
+    column held across the softmax, more than the 7 predicate registers a thread has: the SASS then spent ~300
+    integer instructions per loop iteration packing and unpacking predicate bits (more than the float work of the
+    iteration); a bias vector costs one fp32 register per column and nothing per score."""
+    bias = tl.where(n_ok, 0.0, float("-inf"))
+    if has_mask:
+        bias = tl.where(tl.load(mask_row_ptr + offs_n, mask=n_ok, other=0) != 0, bias, float("-inf"))
+    return bias
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, k_base, v_base, mask_row_ptr, rows, offs_d, d_ok, start, lo, hi, len_k,
+    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold, dropout_scale, seed, seq_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the key blocks starting at lo, lo + BLOCK_N, ... < hi; returns (acc, l_i, m_i).
+
+    Unmasked (every key of every block attended; qk_scale >= 0): the row max is taken on the unscaled scores and
+    scale and max meet in one fma, ``p = 2^(s·scale - m)``. Masked: ``s = s·scale + bias`` (bias -inf for keys
+    past the end or masked out, _key_bias), then ``p = 2^(s - m)``, where a row with no key so far has m = -inf
+    and subtracts 0 instead (p = 0 rather than NaN)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        tok_n = start + offs_n
+        n_ok = offs_n < len_k
+        if MASKED:
+            kt_ok = n_ok[None, :] & d_ok[:, None]
+        else:
+            kt_ok = d_ok[:, None]  # whole blocks: no mask along the keys
+        kt = tl.load(k_base + tok_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_ok, other=0.0)
+        if MASKED:
+            s = tl.fma(_dot(q, kt), qk_scale, _key_bias(mask_row_ptr, offs_n, n_ok, has_mask)[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_sub[:, None])
+        else:
+            s = _dot(q, kt)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+            m_sub = m_new
+            p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        if MASKED:
+            v_ok = n_ok[:, None] & d_ok[None, :]
+        else:
+            v_ok = d_ok[None, :]
+        v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_ok, other=0.0)
+        acc += _dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.autotune(configs=_configs(_FWD_CONFIGS), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -245,34 +312,27 @@ def _attention_fwd_kernel(
     # lse index doubles as the dropout row id (see the module docstring)
     rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
 
+    if qk_scale < 0:
+        # The unmasked blocks take the row max of unscaled scores, which needs a non-negative scale; negating q
+        # is exact.
+        q = -q
+        qk_scale = -qk_scale
+
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < len_k
-        tok_n = start + offs_n
-        kt = tl.load(k_base + tok_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
-        valid = n_ok
-        if has_mask:
-            valid = valid & (tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n, mask=n_ok, other=0) != 0)
-        s = _dot(q, kt) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with no allowed key so far has m_new = -inf: subtract 0 instead, so p = 0 rather than NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p * dropout_scale, 0.0)
-        v = tl.load(v_base + tok_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        acc += _dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Key blocks that need no masking (whole blocks, no padding mask) first, then the rest: the unmasked loop
+    # spends one fma per score on scale and max, the masked one also adds the key bias (see _fwd_blocks).
+    n_full = tl.where(has_mask != 0, 0, (len_k // BLOCK_N) * BLOCK_N)
+    mask_row_ptr = mask_ptr + b.to(tl.int64) * stride_mask_b
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row_ptr, rows, offs_d, d_ok, start, 0,
+                                n_full, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask,
+                                dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
+                                False)  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row_ptr, rows, offs_d, d_ok, start,
+                                n_full, len_k, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                                has_mask, dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N,
+                                HAS_DROPOUT, True)  # fmt: skip
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -366,9 +426,7 @@ def _attention_bwd_dkdv_kernel(
                 mask=nd_mask, other=0.0)  # fmt: skip
     v = tl.load(v_ptr + b64 * stride_vb + h64 * stride_vh + tok_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=nd_mask, other=0.0)  # fmt: skip
-    valid = n_ok
-    if has_mask:
-        valid = valid & (tl.load(mask_ptr + b64 * stride_mask_b + offs_n, mask=n_ok, other=0) != 0)
+    bias = _key_bias(mask_ptr + b64 * stride_mask_b, offs_n, n_ok, has_mask)
 
     q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
     do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
@@ -383,12 +441,12 @@ def _attention_bwd_dkdv_kernel(
         q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
         do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
         rows = row_base + offs_m
-        # Queries past the end get lse = +inf, hence p = 0; so do those whose keys are all masked.
+        # Queries past the end get lse = +inf, hence p = 0; so do those whose keys are all masked. Masked keys: the
+        # bias is -inf, so p = 2^-inf = 0 (lse is finite or +inf, never -inf: no NaN).
         lse = tl.load(lse_ptr + rows, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=m_ok, other=0.0)
         # Transposed tiles [BLOCK_N, BLOCK_M]: key rows, query columns.
-        st = _dot(k, tl.trans(q)) * qk_scale
-        pt = tl.where(valid[:, None], tl.math.exp2(st - lse[None, :]), 0.0)
+        pt = tl.math.exp2(tl.fma(_dot(k, tl.trans(q)), qk_scale, bias[:, None]) - lse[None, :])
         dpt = _dot(v, tl.trans(do))
         pt_drop = pt
         if HAS_DROPOUT:
@@ -405,6 +463,41 @@ def _attention_bwd_dkdv_kernel(
              dk.to(dk_ptr.dtype.element_ty), mask=nd_mask)  # fmt: skip
     tl.store(dv_ptr + b64 * stride_dvb + h64 * stride_dvh + tok_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              dv.to(dv_ptr.dtype.element_ty), mask=nd_mask)  # fmt: skip
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse, delta, rows, k_base, v_base, mask_row_ptr, offs_d, d_ok, start, lo, hi, len_k,
+    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold, dropout_scale, seed, seq_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """dq over the key blocks lo, lo + BLOCK_N, ... < hi. p = 2^(s·scale - lse), one fma per score; masked blocks
+    add the key bias inside the fma and subtract lse after (-inf bias: p = 0; lse = +inf for queries past the
+    end or with no key: p = 0; never -inf, so no NaN)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < len_k
+        tok_n = start + offs_n
+        if MASKED:
+            k_ok = n_ok[:, None] & d_ok[None, :]
+            vt_ok = n_ok[None, :] & d_ok[:, None]
+        else:
+            k_ok = d_ok[None, :]  # whole blocks: no mask along the keys
+            vt_ok = d_ok[:, None]
+        k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
+        vt = tl.load(v_base + tok_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=vt_ok, other=0.0)
+        if MASKED:
+            bias = _key_bias(mask_row_ptr, offs_n, n_ok, has_mask)
+            p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, bias[None, :]) - lse[:, None])
+        else:
+            p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
+        dp = _dot(do, vt)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    return dq
 
 
 @triton.autotune(configs=_configs(_DQ_CONFIGS), key=_TUNE_KEY,
@@ -457,25 +550,15 @@ def _attention_bwd_dq_kernel(
     k_base = k_ptr + b64 * stride_kb + h64 * stride_kh
     v_base = v_ptr + b64 * stride_vb + h64 * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < len_k
-        tok_n = start + offs_n
-        k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        vt = tl.load(v_base + tok_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # fmt: skip
-        valid = n_ok
-        if has_mask:
-            valid = valid & (tl.load(mask_ptr + b64 * stride_mask_b + offs_n, mask=n_ok, other=0) != 0)
-        s = _dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, vt)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k)
+    # Whole key blocks without a padding mask first (no key bias), then the rest, as in the forward.
+    n_full = tl.where(has_mask != 0, 0, (len_k // BLOCK_N) * BLOCK_N)
+    mask_row_ptr = mask_ptr + b64 * stride_mask_b
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, mask_row_ptr, offs_d, d_ok, start, 0, n_full,
+                    len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
+                    dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, False)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, mask_row_ptr, offs_d, d_ok, start, n_full, len_k,
+                    len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
+                    dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, True)  # fmt: skip
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b64 * stride_dqb + h64 * stride_dqh + tok_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -631,7 +714,7 @@ def attention_bwd(
     _attention_bwd_preprocess_kernel[(triton.cdiv(lay.max_q, _PREPROCESS_BLOCK_M), lay.batch * lay.heads)](
         out, do, delta, lay.cu, *_strides(out), *_strides(do),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
-        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d,
+        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
     )  # fmt: skip
     flags = lay.flags(dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
@@ -756,7 +839,8 @@ def gate_cases() -> list[GateCase]:
                 cases.append(GateCase(
                     f"attention_bwd_preprocess-{dtype}-{d_tag}", _attention_bwd_preprocess_kernel,
                     _signature(_PRE_SIG, dtype),
-                    {"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_D": block_d, "EVEN_D": even_d} | _unit_strides(_PRE_SIG), 4,
+                    {"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_D": block_d, "EVEN_D": even_d} | _unit_strides(_PRE_SIG),
+                    _PREPROCESS_WARPS,
                     divisible=_divisible(_PRE_SIG), vector_loads=dtype != "fp32",
                 ))  # fmt: skip
     return cases

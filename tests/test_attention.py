@@ -38,11 +38,11 @@ def run(fn, inputs, do):
     return out.detach(), [t.grad for t in leaves]
 
 
-def check_against_reference(q, k, v, do, mask=None, dropout_p=0.0, keep=None, seed=None):
+def check_against_reference(q, k, v, do, mask=None, dropout_p=0.0, keep=None, seed=None, scale=None):
     if seed is not None:
         torch.manual_seed(seed)
-    out, grads = run(lambda *t: attention(*t, mask, dropout_p=dropout_p), (q, k, v), do)
-    ref = lambda *t: reference.attention(*t, mask, dropout_p=dropout_p, keep=keep)  # noqa: E731
+    out, grads = run(lambda *t: attention(*t, mask, dropout_p=dropout_p, scale=scale), (q, k, v), do)
+    ref = lambda *t: reference.attention(*t, mask, dropout_p=dropout_p, keep=keep, scale=scale)  # noqa: E731
     ref_out, ref_grads = run(ref, [t.double() for t in (q, k, v)], do.double())
     eager_out, eager_grads = run(ref, (q, k, v), do)
     assert out.dtype == q.dtype
@@ -63,6 +63,19 @@ def test_matches_reference(shape, dtype, masked):
     b, h, s, d = shape
     mask = random_mask(b, s, seed=s) if masked else None
     check_against_reference(*make_inputs(*shape, dtype), mask=mask)
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.2, 0.0])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_custom_scale(scale, masked):
+    # The kernels treat whole unmasked key blocks apart from the masked / partial ones (the row max is taken
+    # before scaling there, which needs the sign handled): 70 keys = two whole interpreter blocks and a tail.
+    # Scores spanning hundreds, so that a max taken on the wrong side of a negative scale overflows 2^x; fp16 (the
+    # 2x-eager rule): fp32's tight tolerance is below what such logits leave of any fp32 computation, eager's too.
+    q, k, v, do = make_inputs(2, 1, 70, 32, torch.float16)
+    q = q * 30
+    mask = random_mask(2, 70, lengths=[70, 41]) if masked else None
+    check_against_reference(q, k, v, do, mask=mask, scale=scale)
 
 
 def test_cross_lengths_and_mask_patterns():
