@@ -101,7 +101,7 @@ def sweep_attention() -> None:
     for S in (128, 512, 1024):
         q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(3))
         lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
-        mask = (torch.arange(S, device="cuda")[None, :] < lens[:, None]).to(torch.int8)
+        mask = at.key_bias(torch.arange(S, device="cuda")[None, :] < lens[:, None], S)
         flops = 4 * B * H * S * S * D
         floor = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         print(f"attention fp16 B{B} H{H} S{S} D{D}: SDPA (no mask) {floor:.4f} ms ({flops / floor / 1e9:.0f} TFLOP/s)")
@@ -141,7 +141,7 @@ def sweep_attention_bwd() -> None:
     for S in (128, 512):
         q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(4))
         lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
-        mask = (torch.arange(S, device="cuda")[None, :] < lens[:, None]).to(torch.int8)
+        mask = at.key_bias(torch.arange(S, device="cuda")[None, :] < lens[:, None], S)
         out, lse = at.attention_fwd(q, k, v, mask)
         _, _, _ = at.attention_bwd(do, q, k, v, out, lse, mask)  # compiles and warms the shipped configs
         delta = torch.empty_like(lse)

@@ -3,8 +3,9 @@ the [seq_q, seq_k] score matrix.
 
 One kernel family serves two layouts:
 - padded: q, k, v [batch, heads, seq, head_dim] with arbitrary strides (transformers' transposed views are read
-  in place), plus an optional key-padding mask [batch, seq_k] (int8, 1 = attend), read once per key block, so
-  any mask works (left or right padding, holes);
+  in place), plus an optional key-padding mask given as a key bias (key_bias(): fp32 [batch, seq_k rounded up to
+  KEY_BIAS_BLOCK], 0 = attend, -inf = masked or past seq_k), read once per key block, so any mask works (left or
+  right padding, holes);
 - varlen: packed q, k, v [total_tokens, heads, head_dim] with cu_seqlens [batch + 1] (int32); sequence b holds
   tokens cu_seqlens[b]:cu_seqlens[b + 1]. The grid covers cdiv(max_seqlen, BLOCK_M) query blocks per (batch,
   head); programs past their sequence's end exit at once.
@@ -17,8 +18,10 @@ Forward, per block of queries (online softmax, fp32, base 2 with scale · log2(e
 
 Masking costs nothing per score where it can: key blocks that are whole and unmasked (no padding mask) run a loop
 without any (scale and row max meet in one fma), the others add a 0 / -inf key bias inside the scale's fma
-(_key_bias); the forward and dq do the whole blocks first, then the rest. A select on a key predicate instead
-cost ~300 integer instructions of predicate bookkeeping per iteration in the SASS, more than the float work.
+(_key_bias: the padded mask's bias as loaded, else -inf past the sequence's end); the forward and dq do the
+whole blocks first, then the rest. A select on a key predicate instead cost ~300 integer instructions of
+predicate bookkeeping per iteration in the SASS, more than the float work, and an int8 mask another ~100 (byte
+extraction, compares, bounds) that the fp32 bias, padded to whole blocks, does not need.
 
 Backward (recomputes p from lse instead of storing it), with delta = rowsum(dout · out) from a preprocess kernel:
 
@@ -71,9 +74,10 @@ _HALF = ("fp16", "bf16")
 # An optional 7th field limits an entry to calls with (True) or without (False) dropout: the forward's Philox
 # state costs registers, and the larger tiles spill with it (the compile gate showed it).
 _FWD_CONFIGS = (
-    (128, 64, 8, 2, _HALF, (32, 64), False),
+    (128, 64, 8, 3, _HALF, (32,), False),
+    (128, 64, 8, 2, _HALF, (64,), False),
     (64, 64, 8, 2, _HALF, (32, 64), True),
-    (64, 32, 4, 2, _HALF, (128,), False),
+    (128, 32, 8, 1, _HALF, (128,), False),
     (64, 32, 8, 1, _HALF, (128,), True),
     (32, 32, 4, 1, ("fp32",), (32,)),
     (32, 32, 8, 1, ("fp32",), (64,)),
@@ -157,7 +161,7 @@ def seq_bucket(max_seqlen: int) -> int:
 # divisible by 16 (variants the compile gate would not see). What stays specialised: the pointers, the
 # q/k/v/out strides and head_dim, which are always 16-byte aligned / multiples of 16 (fresh allocations,
 # _aligned, HEAD_DIMS), so every launch compiles to the variant the gate checks, with vectorised loads.
-_RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "seq_bucket", "stride_mask_b",
+_RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "seq_bucket", "stride_bias_b",
                  "dropout_threshold", "seed"]  # fmt: skip
 
 
@@ -199,21 +203,23 @@ def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
 
 
 @triton.jit
-def _key_bias(mask_row_ptr, offs_n, n_ok, has_mask):
-    """0.0 for each key that may be attended (in the sequence and, with a mask, attended), -inf for the others:
-    added to the scores (inside one fma with the scale) instead of a select. A select needs a predicate per key
-    column held across the softmax, more than the 7 predicate registers a thread has: the SASS then spent ~300
-    integer instructions per loop iteration packing and unpacking predicate bits (more than the float work of the
-    iteration); a bias vector costs one fp32 register per column and nothing per score."""
-    bias = tl.where(n_ok, 0.0, float("-inf"))
+def _key_bias(bias_row_ptr, offs_n, n_ok, has_mask):
+    """0.0 for each key that may be attended, -inf for the others, added to the scores (inside one fma with the
+    scale) instead of a select: a select needs a predicate per key column held across the softmax, more than the
+    7 predicate registers a thread has (the SASS then packed and unpacked predicate bits, ~300 integer
+    instructions per loop iteration). With a padding mask the bias row is loaded as is: key_bias() padded it with
+    -inf to a whole number of KEY_BIAS_BLOCK columns, so no bounds mask is needed; without one, keys past the
+    sequence's end get -inf."""
     if has_mask:
-        bias = tl.where(tl.load(mask_row_ptr + offs_n, mask=n_ok, other=0) != 0, bias, float("-inf"))
+        bias = tl.load(bias_row_ptr + offs_n)
+    else:
+        bias = tl.where(n_ok, 0.0, float("-inf"))
     return bias
 
 
 @triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, k_base, v_base, mask_row_ptr, rows, offs_d, d_ok, start, lo, hi, len_k,
+    acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, rows, offs_d, d_ok, start, lo, hi, len_k,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold, dropout_scale, seed, seq_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -233,7 +239,7 @@ def _fwd_blocks(
             kt_ok = d_ok[:, None]  # whole blocks: no mask along the keys
         kt = tl.load(k_base + tok_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_ok, other=0.0)
         if MASKED:
-            s = tl.fma(_dot(q, kt), qk_scale, _key_bias(mask_row_ptr, offs_n, n_ok, has_mask)[None, :])
+            s = tl.fma(_dot(q, kt), qk_scale, _key_bias(bias_row_ptr, offs_n, n_ok, has_mask)[None, :])
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_sub[:, None])
@@ -267,13 +273,13 @@ def _attention_fwd_kernel(
     v_ptr,  # like k
     o_ptr,  # like q, out
     lse_ptr,  # [B·H·Sq] (padded) or [H·total] (varlen), fp32 out, base 2
-    mask_ptr,  # [B, Sk] int8 key-padding mask (1 = attend), read iff has_mask
+    bias_ptr,  # [B, >= Sk] fp32 key bias (0 = attend, -inf = not), key_bias(); read iff has_mask
     cu_seqlens_ptr,  # [B + 1] int32, read iff is_varlen
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    stride_mask_b,
+    stride_bias_b,
     seq_q,  # padded: Sq; varlen: total tokens
     seq_k,  # padded: Sk; varlen: max_seqlen
     heads,
@@ -324,12 +330,12 @@ def _attention_fwd_kernel(
     # Key blocks that need no masking (whole blocks, no padding mask) first, then the rest: the unmasked loop
     # spends one fma per score on scale and max, the masked one also adds the key bias (see _fwd_blocks).
     n_full = tl.where(has_mask != 0, 0, (len_k // BLOCK_N) * BLOCK_N)
-    mask_row_ptr = mask_ptr + b.to(tl.int64) * stride_mask_b
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row_ptr, rows, offs_d, d_ok, start, 0,
+    bias_row_ptr = bias_ptr + b.to(tl.int64) * stride_bias_b
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, rows, offs_d, d_ok, start, 0,
                                 n_full, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask,
                                 dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
                                 False)  # fmt: skip
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row_ptr, rows, offs_d, d_ok, start,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, rows, offs_d, d_ok, start,
                                 n_full, len_k, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
                                 has_mask, dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N,
                                 HAS_DROPOUT, True)  # fmt: skip
@@ -387,14 +393,14 @@ def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # like the forward's q, k, v, o
     dk_ptr, dv_ptr,  # like k, v, out
     lse_ptr, delta_ptr,  # fp32, indexed like the forward's lse
-    mask_ptr, cu_seqlens_ptr,
+    bias_ptr, cu_seqlens_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_mask_b,
+    stride_bias_b,
     seq_q, seq_k, heads, head_dim,
     sm_scale,  # scale (dk = dsᵀ q · scale)
     qk_scale,  # scale · log2(e)
@@ -426,7 +432,7 @@ def _attention_bwd_dkdv_kernel(
                 mask=nd_mask, other=0.0)  # fmt: skip
     v = tl.load(v_ptr + b64 * stride_vb + h64 * stride_vh + tok_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=nd_mask, other=0.0)  # fmt: skip
-    bias = _key_bias(mask_ptr + b64 * stride_mask_b, offs_n, n_ok, has_mask)
+    bias = _key_bias(bias_ptr + b64 * stride_bias_b, offs_n, n_ok, has_mask)
 
     q_base = q_ptr + b64 * stride_qb + h64 * stride_qh
     do_base = do_ptr + b64 * stride_dob + h64 * stride_doh
@@ -467,7 +473,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse, delta, rows, k_base, v_base, mask_row_ptr, offs_d, d_ok, start, lo, hi, len_k,
+    dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, lo, hi, len_k,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold, dropout_scale, seed, seq_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -487,7 +493,7 @@ def _dq_blocks(
         k = tl.load(k_base + tok_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
         vt = tl.load(v_base + tok_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=vt_ok, other=0.0)
         if MASKED:
-            bias = _key_bias(mask_row_ptr, offs_n, n_ok, has_mask)
+            bias = _key_bias(bias_row_ptr, offs_n, n_ok, has_mask)
             p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, bias[None, :]) - lse[:, None])
         else:
             p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
@@ -507,13 +513,13 @@ def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,
     dq_ptr,  # like q, out
     lse_ptr, delta_ptr,
-    mask_ptr, cu_seqlens_ptr,
+    bias_ptr, cu_seqlens_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    stride_mask_b,
+    stride_bias_b,
     seq_q, seq_k, heads, head_dim,
     sm_scale, qk_scale,
     is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
@@ -552,11 +558,11 @@ def _attention_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # Whole key blocks without a padding mask first (no key bias), then the rest, as in the forward.
     n_full = tl.where(has_mask != 0, 0, (len_k // BLOCK_N) * BLOCK_N)
-    mask_row_ptr = mask_ptr + b64 * stride_mask_b
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, mask_row_ptr, offs_d, d_ok, start, 0, n_full,
+    bias_row_ptr = bias_ptr + b64 * stride_bias_b
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, 0, n_full,
                     len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
                     dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, False)  # fmt: skip
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, mask_row_ptr, offs_d, d_ok, start, n_full, len_k,
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, n_full, len_k,
                     len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
                     dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, True)  # fmt: skip
 
@@ -629,7 +635,7 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 class _Layout:
     """Sizes shared by the launchers: padded [B, H, S, D] or packed [total, H, D] + cu_seqlens."""
 
-    def __init__(self, q, k, cu_seqlens, max_seqlen, mask):
+    def __init__(self, q, k, cu_seqlens, max_seqlen, bias):
         self.varlen = cu_seqlens is not None
         if self.varlen:
             self.batch, self.heads, self.head_dim = cu_seqlens.numel() - 1, q.shape[1], q.shape[2]
@@ -639,8 +645,15 @@ class _Layout:
             self.batch, self.heads, self.seq_q, self.head_dim = q.shape
             self.seq_k, self.max_q = k.shape[2], q.shape[2]
             self.cu = _placeholder(q.device, torch.int32)
-        self.has_mask = mask is not None
-        self.mask = aligned_base(mask) if mask is not None else _placeholder(q.device, torch.int8).view(1, 1)
+        self.has_mask = bias is not None
+        if bias is not None:
+            ok = bias.dtype == torch.float32 and bias.dim() == 2 and bias.shape[0] == self.batch
+            ok = ok and bias.stride(-1) == 1 and bias.shape[1] % KEY_BIAS_BLOCK == 0 and bias.shape[1] >= self.seq_k
+            if not ok:  # the kernels read whole blocks of it without bounds checks
+                got = f"{bias.dtype} {tuple(bias.shape)}"
+                raise ValueError("attention: the key bias must come from key_bias() (fp32 [batch, seq_k rounded up "
+                                 f"to {KEY_BIAS_BLOCK}], unit stride), got {got}")  # fmt: skip
+        self.bias = aligned_base(bias) if bias is not None else _placeholder(q.device, torch.float32).view(1, 1)
         self.block_d = max(32, triton.next_power_of_2(self.head_dim))
         self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
@@ -650,11 +663,28 @@ class _Layout:
                 philox_seed(seed), seq_bucket(self.max_q))  # fmt: skip
 
 
+# Columns of the key bias come in whole blocks of this many, at least the largest BLOCK_N of any config, so that
+# every key block a kernel reads lies inside the row (the kernels load it without a bounds mask).
+KEY_BIAS_BLOCK = 128
+assert all(entry[1] <= KEY_BIAS_BLOCK and KEY_BIAS_BLOCK % entry[1] == 0
+           for entry in (*_FWD_CONFIGS, *_DKDV_CONFIGS, *_DQ_CONFIGS, _INTERPRETER_CONFIG))  # fmt: skip
+
+
+def key_bias(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
+    """The kernels' form of a [batch, seq_k] key-padding mask (nonzero / True = attend): fp32 [batch, seq_k
+    rounded up to KEY_BIAS_BLOCK], 0.0 where attended, -inf where masked and past seq_k. Made once per call and
+    shared by the forward and the backward."""
+    padded = triton.cdiv(max(seq_k, 1), KEY_BIAS_BLOCK) * KEY_BIAS_BLOCK
+    bias = torch.full((mask.shape[0], padded), float("-inf"), device=mask.device, dtype=torch.float32)
+    bias[:, :seq_k].masked_fill_(mask != 0, 0.0)
+    return bias
+
+
 def attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int = 0,
     scale: float | None = None,
@@ -662,13 +692,13 @@ def attention_fwd(
     seed: int = 0,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded: q [B, H, Sq, D], k, v [B, H, Sk, D] (any strides), mask None or [B, Sk] int8 (1 = attend, unit
-    stride). Varlen: q, k, v [total, H, D], cu_seqlens [B + 1] int32, max_seqlen. ``out`` (optional, written
+    """Padded: q [B, H, Sq, D], k, v [B, H, Sk, D] (any strides), bias None (no mask) or key_bias(mask, Sk).
+    Varlen: q, k, v [total, H, D], cu_seqlens [B + 1] int32, max_seqlen. ``out`` (optional, written
     in place) may have any strides. Returns (out, lse fp32 base 2, indexed as described in the module docstring)."""
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     assert out is None or _is_aligned(out), "out must have a unit last stride, other strides multiples of 16"
     _check_offsets(q, k, v, *([] if out is None else [out]))
-    lay = _Layout(q, k, cu_seqlens, max_seqlen, mask)
+    lay = _Layout(q, k, cu_seqlens, max_seqlen, bias)
     scale = lay.head_dim**-0.5 if scale is None else scale
     if out is None:
         out = empty(q.shape, device=q.device, dtype=q.dtype)
@@ -677,8 +707,8 @@ def attention_fwd(
         return out, lse
     grid = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, lay.mask, lay.cu,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.mask.stride(0),
+        q, k, v, out, lse, lay.bias, lay.cu,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed),
         BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
@@ -692,7 +722,7 @@ def attention_bwd(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int = 0,
     scale: float | None = None,
@@ -703,7 +733,7 @@ def attention_bwd(
     (dq, dk, dv), contiguous, in the inputs' shapes and dtype."""
     do, q, k, v, out = _aligned(do), _aligned(q), _aligned(k), _aligned(v), _aligned(out)
     _check_offsets(do, q, k, v, out)
-    lay = _Layout(q, k, cu_seqlens, max_seqlen, mask)
+    lay = _Layout(q, k, cu_seqlens, max_seqlen, bias)
     scale = lay.head_dim**-0.5 if scale is None else scale
     dq = empty(q.shape, device=q.device, dtype=q.dtype)
     dk = empty(k.shape, device=q.device, dtype=k.dtype)
@@ -721,15 +751,15 @@ def attention_bwd(
     max_k = lay.max_q if lay.varlen else lay.seq_k
     grid_k = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)  # noqa: E731
     _attention_bwd_dkdv_kernel[grid_k](
-        q, k, v, do, dk, dv, lse, delta, lay.mask, lay.cu,
-        *common, *_strides(dk), *_strides(dv), lay.mask.stride(0),
+        q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
+        *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
         BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
     grid_q = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
     _attention_bwd_dq_kernel[grid_q](
-        q, k, v, do, dq, lse, delta, lay.mask, lay.cu,
-        *common, *_strides(dq), lay.mask.stride(0),
+        q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
+        *common, *_strides(dq), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
         BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
@@ -774,22 +804,22 @@ def _divisible(sig: str) -> tuple[str, ...]:
 _STRIDES = "stride_{0}b:a stride_{0}h:a stride_{0}{1}:a stride_{0}d:1"
 _FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed:l seq_bucket:i"
 _FWD_SIG = (
-    "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F mask_ptr:B cu_seqlens_ptr:C "
+    "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))
-    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:a qk_scale:f " + _FLAGS
+    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a qk_scale:f " + _FLAGS
     + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _BWD_COMMON = " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m")))
 _DKDV_SIG = (
-    "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dk_ptr:T dv_ptr:T lse_ptr:F delta_ptr:F mask_ptr:B cu_seqlens_ptr:C "
+    "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dk_ptr:T dv_ptr:T lse_ptr:F delta_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + _BWD_COMMON + " " + _STRIDES.format("dk", "n") + " " + _STRIDES.format("dv", "n")
-    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
+    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
     + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _DQ_SIG = (
-    "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dq_ptr:T lse_ptr:F delta_ptr:F mask_ptr:B cu_seqlens_ptr:C "
+    "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dq_ptr:T lse_ptr:F delta_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + _BWD_COMMON + " " + _STRIDES.format("dq", "m")
-    + " stride_mask_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
+    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
     + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _PRE_SIG = (

@@ -267,9 +267,11 @@ def test_bad_input_raises_value_error(case, message):
 def test_opcheck():
     q, k, v, _ = make_inputs(1, 2, 17, 32, torch.float32)
     q.requires_grad_()
-    mask = random_mask(1, 17, lengths=[9]).to(torch.int8)
+    from fastbert.kernels.attention import key_bias
+
+    bias = key_bias(random_mask(1, 17, lengths=[9]), 17)
     zero = torch.zeros(1, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, (q, k, v, mask, None, 0, 0.2, 0.0, zero))
+    torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, (q, k, v, bias, None, 0, 0.2, 0.0, zero))
     torch.library.opcheck(torch.ops.fastbert.attention_fwd.default,
                           (q, k, v, None, None, 0, 0.2, 0.25, torch.tensor([5], dtype=torch.int64)))  # fmt: skip
 

@@ -27,13 +27,13 @@ def _kernels():
     return k
 
 
-# One op pair serves both layouts: padded (cu_seqlens None) and varlen (mask None). Optional tensors keep the
+# One op pair serves both layouts: padded (cu_seqlens None) and varlen (bias None). Optional tensors keep the
 # schema single; max_seqlen is 0 for padded calls.
 def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int,
     scale: float,
@@ -46,7 +46,7 @@ def _fwd_impl(
 
         B, H, S, D = q.shape
         out = empty((B, S, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
-        return _kernels().attention_fwd(q, k, v, mask, None, 0, scale, dropout_p, int(seed.item()), out=out)
+        return _kernels().attention_fwd(q, k, v, bias, None, 0, scale, dropout_p, int(seed.item()), out=out)
     return _kernels().attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, int(seed.item()))
 
 
@@ -63,7 +63,7 @@ def _lse_numel(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
 
 
 @_fwd.register_fake
-def _(q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+def _(q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     out = _empty_out(q) if cu_seqlens is None else torch.empty_like(q)
     return out, q.new_empty((_lse_numel(q, cu_seqlens),), dtype=torch.float32)
 
@@ -75,7 +75,7 @@ def _bwd_impl(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int,
     scale: float,
@@ -83,7 +83,7 @@ def _bwd_impl(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # do may have any strides (the kernels take all four); an expanded one (stride 0) is fine too.
-    return _kernels().attention_bwd(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p,
+    return _kernels().attention_bwd(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p,
                                     int(seed.item()))  # fmt: skip
 
 
@@ -91,7 +91,7 @@ _bwd = torch.library.custom_op("fastbert::attention_bwd", _bwd_impl, mutates_arg
 
 
 @_bwd.register_fake
-def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed):
+def _(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -100,16 +100,16 @@ def _(do, q, k, v, out, lse, mask, cu_seqlens, max_seqlen, scale, dropout_p, see
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
+    q, k, v, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, cu_seqlens, seed)
+    ctx.save_for_backward(q, k, v, out, lse, bias, cu_seqlens, seed)
     ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
 
 
 def _backward_with(bwd):
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, mask, cu_seqlens, seed = ctx.saved_tensors
-        dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
+        q, k, v, out, lse, bias, cu_seqlens, seed = ctx.saved_tensors
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, bias, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None, None, None
 
     return backward
@@ -147,13 +147,6 @@ def _autocast(q, k, v):
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
-
-
-def _int8_mask(mask: torch.Tensor) -> torch.Tensor:
-    """The kernels' [batch, seq_k] int8 mask with unit stride; a contiguous bool mask is reinterpreted (no copy)."""
-    if mask.dtype == torch.bool and mask.stride(-1) == 1:
-        return mask.view(torch.int8)
-    return (mask != 0).to(torch.int8).contiguous()
 
 
 def _seed(dropout_p: float) -> torch.Tensor:
@@ -210,8 +203,9 @@ def attention(
     scale = _scale(q, scale)
     if not use_triton(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=scale)
-    mask = None if attention_mask is None else _int8_mask(attention_mask)
-    out, _ = call(_fwd, _eager, q, k, v, mask, None, 0, scale, dropout_p, _seed(dropout_p))
+    # The padding mask as the kernels' fp32 key bias (0 / -inf, whole blocks): made once, shared by the backward.
+    bias = None if attention_mask is None else _kernels().key_bias(attention_mask, k.shape[2])
+    out, _ = call(_fwd, _eager, q, k, v, bias, None, 0, scale, dropout_p, _seed(dropout_p))
     return out
 
 
