@@ -17,30 +17,15 @@ import argparse
 import collections
 import os
 import re
-import subprocess
-import tempfile
 
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x)([0-9a-f]+)")
 
 
 def sass_of(case, arch: int) -> str:
-    import triton
-    import triton.backends.nvidia as nv
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fastbert.kernels import gate
 
-    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs,
-                    attrs=gate.divisibility_attrs(case))  # fmt: skip
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})  # fmt: skip
-    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return gate.cuobjdump(gate.compile_for(case, arch).asm["cubin"], "-sass")
 
 
 def loops(sass: str) -> list[tuple[int, int, collections.Counter]]:

@@ -44,33 +44,42 @@ def all_cases(modules=KERNEL_MODULES):
         yield from importlib.import_module(mod_name).gate_cases()
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, spill stores) of a cubin, read with the cuobjdump that ships with Triton: registers from its
-    resource usage, spills as the local-memory stores (STL) in the SASS."""
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """What the cuobjdump that ships with Triton prints for a cubin with these flags (-sass: the disassembly)."""
     import triton.backends.nvidia as nv
 
     tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True)
-    m = re.search(r"REG:(\d+)", usage.stdout)
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spill stores) of a cubin: registers from cuobjdump's resource usage, spills as the
+    local-memory stores (STL) in the SASS."""
+    usage = cuobjdump(cubin, "--dump-resource-usage")
+    m = re.search(r"REG:(\d+)", usage)
     if m is None:
-        raise RuntimeError(f"cannot read cuobjdump resource usage:\n{usage.stdout}\n{usage.stderr}")
-    return int(m.group(1)), len(re.findall(r"\bSTL(?:\.\w+)*\s", sass.stdout))
+        raise RuntimeError(f"cannot read cuobjdump resource usage:\n{usage}")
+    return int(m.group(1)), len(re.findall(r"\bSTL(?:\.\w+)*\s", cuobjdump(cubin, "-sass")))
 
 
-def compile_case(case, arch: int) -> GateResult:
-    """Compile one GateCase for sm_<arch> (no GPU needed) and report its resources."""
+def compile_for(case, arch: int):
+    """The Triton compilation of one GateCase for sm_<arch> (no GPU needed), with the launch-time divisibility."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=divisibility_attrs(case))
-    compiled = triton.compile(
+    return triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps, "num_stages": case.num_stages}
     )
+
+
+def compile_case(case, arch: int) -> GateResult:
+    """Compile one GateCase for sm_<arch> and report its resources."""
+    compiled = compile_for(case, arch)
     regs, spills = _resource_usage(compiled.asm["cubin"])
     wgmma = "warp_group_dot" in compiled.asm["ttgir"] or "wgmma" in compiled.asm["ttgir"]
     return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma, narrow_loads(compiled.asm["ptx"]))
