@@ -93,7 +93,8 @@ _DKDV_CONFIGS = (
     (16, 32, 8, 1, _HALF, (128,), True),
     (16, 32, 8, 1, ("fp32",), (32, 128), False),
     (16, 32, 4, 1, ("fp32",), (64,), False),
-    (16, 32, 8, 1, ("fp32",), (32, 64, 128), True),
+    (16, 32, 8, 1, ("fp32",), (32, 64), True),
+    (32, 32, 8, 1, ("fp32",), (128,), True),
 )
 _DQ_CONFIGS = (
     (128, 64, 8, 2, _HALF, (64,), False),
@@ -386,6 +387,51 @@ def _attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + rows, delta, mask=offs_m < len_q)
 
 
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start, start_n, lo, hi, len_q,
+    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, dropout_threshold, dropout_scale, seed, seq_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """dk, dv over the query blocks lo, lo + BLOCK_M, ... < hi, in transposed tiles [BLOCK_N, BLOCK_M] (key rows,
+    query columns). Unmasked (whole query blocks of a whole key block without padding mask): p = 2^(s·scale -
+    lse), one fma per score, loads without a mask. Masked: p = 2^(s·scale + bias - lse) (-inf bias: p = 0), and
+    the loads past the sequence's end are masked: their lse is +inf (p = 0), their delta 0."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        tok_m = start + offs_m
+        rows = row_base + offs_m
+        q_ptrs = q_base + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = do_base + tok_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        if MASKED:
+            m_ok = offs_m < len_q
+            md_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptrs, mask=md_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=md_mask, other=0.0)
+            # lse is +inf for queries past the end and for those whose keys are all masked: p = 0, never NaN (lse
+            # is never -inf).
+            lse = tl.load(lse_ptr + rows, mask=m_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + rows, mask=m_ok, other=0.0)
+            pt = tl.math.exp2(tl.fma(_dot(k, tl.trans(q)), qk_scale, bias[:, None]) - lse[None, :])
+        else:
+            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(lse_ptr + rows)
+            delta = tl.load(delta_ptr + rows)
+            pt = tl.math.exp2(tl.fma(_dot(k, tl.trans(q)), qk_scale, -lse[None, :]))
+        dpt = _dot(v, tl.trans(do))
+        pt_drop = pt
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep_t = tl.trans(tl.where(keep, dropout_scale, 0.0))
+            pt_drop = pt * keep_t
+            dpt = dpt * keep_t
+        dv += _dot(pt_drop.to(do.dtype), do)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
 @triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -439,30 +485,19 @@ def _attention_bwd_dkdv_kernel(
     row_base = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(0, len_q, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < len_q
-        tok_m = start + offs_m
-        md_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
-        do = tl.load(do_base + tok_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=md_mask, other=0.0)
-        rows = row_base + offs_m
-        # Queries past the end get lse = +inf, hence p = 0; so do those whose keys are all masked. Masked keys: the
-        # bias is -inf, so p = 2^-inf = 0 (lse is finite or +inf, never -inf: no NaN).
-        lse = tl.load(lse_ptr + rows, mask=m_ok, other=float("inf"))
-        delta = tl.load(delta_ptr + rows, mask=m_ok, other=0.0)
-        # Transposed tiles [BLOCK_N, BLOCK_M]: key rows, query columns.
-        pt = tl.math.exp2(tl.fma(_dot(k, tl.trans(q)), qk_scale, bias[:, None]) - lse[None, :])
-        dpt = _dot(v, tl.trans(do))
-        pt_drop = pt
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
-            keep_t = tl.trans(tl.where(keep, dropout_scale, 0.0))
-            pt_drop = pt * keep_t
-            dpt = dpt * keep_t
-        dv += _dot(pt_drop.to(do.dtype), do)
-        dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q)
+    # While this key block is whole and has no padding mask, its whole query blocks need no key bias and no query
+    # mask (one fma per score for p); the rest, including the last, partial query block, take both (see
+    # _dkdv_blocks). A third loop for whole query blocks under a key bias spilled on sm_80 (Triton 3.6), and
+    # choosing between the loops with an if/else made ptxas serialise the warp-group MMAs (the compile gate checks).
+    m_plain = tl.where((has_mask == 0) & (start_n + BLOCK_N <= len_k), (len_q // BLOCK_M) * BLOCK_M, 0)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start,
+                          start_n, 0, m_plain, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                          dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
+                          False)  # fmt: skip
+    dk, dv = _dkdv_blocks(dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start,
+                          start_n, m_plain, len_q, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
+                          dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
+                          True)  # fmt: skip
 
     dk = dk * sm_scale
     tl.store(dk_ptr + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,

@@ -4,7 +4,8 @@ target on a machine without one.
 A kernel module joins the gate by being listed in KERNEL_MODULES and defining ``gate_cases() -> list[GateCase]``
 that enumerates every compilation its launchers may request (block sizes, dtypes, flags, warps, stages).
 tests/test_compile.py compiles each case for sm_80 and sm_90 with ``triton.compile(ASTSource, GPUTarget)``
-(ptxas runs on the CPU) and fails on a compile error, shared memory above the target's limit or a spill.
+(ptxas runs on the CPU) and fails on a compile error, shared memory above the target's limit, a spill or
+warp-group MMAs that ptxas serialises.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class GateResult:
     spill_stores: int  # STL instructions in the SASS: register spills to local memory
     wgmma: bool
     narrow_loads: int  # 2-byte global loads in the PTX (see narrow_loads)
+    wgmma_serialized: str = ""  # ptxas's note when it serialises the warp-group MMAs (see wgmma_serialized)
 
 
 def all_cases(modules=KERNEL_MODULES):
@@ -82,7 +84,27 @@ def compile_case(case, arch: int) -> GateResult:
     compiled = compile_for(case, arch)
     regs, spills = _resource_usage(compiled.asm["cubin"])
     wgmma = "warp_group_dot" in compiled.asm["ttgir"] or "wgmma" in compiled.asm["ttgir"]
-    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma, narrow_loads(compiled.asm["ptx"]))
+    ptx = compiled.asm["ptx"]
+    serialized = wgmma_serialized(ptx, arch) if wgmma else ""
+    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma, narrow_loads(ptx), serialized)
+
+
+def wgmma_serialized(ptx: str, arch: int) -> str:
+    """ptxas's "Potential Performance Loss: wgmma.mma_async instructions are serialized" note for a PTX listing,
+    or "" without one. When ptxas cannot prove a warp-group MMA's accumulator untouched between issue and wait
+    (for example a loop inside an if/else), it waits after every wgmma: the MMAs no longer overlap each other or
+    the other work, a large slowdown that compiles without error or spill. ptxas only says so in its verbose
+    log, which Triton discards (and a cached compilation never runs ptxas), so the PTX is assembled once more
+    here (~0.1 s)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", src + ".o"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return "\n".join(line.split(": ", 1)[-1] for line in log.splitlines() if "are serialized" in line)
 
 
 def divisibility_attrs(case) -> dict[tuple[int, ...], list]:

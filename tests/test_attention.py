@@ -194,6 +194,25 @@ def test_dropout_reproducible_and_keep_rate():
     assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
 
 
+def test_dropout_keep_mask_lanes_are_independent():
+    # One Philox evaluation gives eight 16-bit draws, to eight neighbouring keys (common.dropout_keep): each lane
+    # must keep at the requested rate, and neighbours (the two halves of one 32-bit word, and across words) must
+    # agree only as often as independent draws do.
+    from fastbert.kernels.attention import dropout_keep_mask
+
+    p = 0.3
+    keep = dropout_keep_mask(5, 2, 4, 64, 128, p, DEVICE).reshape(-1, 128).float()
+    lanes = keep.reshape(keep.shape[0], -1, 8)
+    n = lanes.shape[0] * lanes.shape[1]
+    for lane in range(8):
+        rate = lanes[..., lane].mean().item()
+        assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, f"lane {lane} keeps {rate:.4f}"
+    same = p * p + (1 - p) ** 2  # P(two independent draws agree)
+    for a in range(7):
+        agree = (lanes[..., a] == lanes[..., a + 1]).float().mean().item()
+        assert abs(agree - same) < 5 * (same * (1 - same) / n) ** 0.5, f"lanes {a}, {a + 1} agree {agree:.4f}"
+
+
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v, _ = make_inputs(2, 2, 9, 32, torch.float32, device="cpu")
