@@ -114,7 +114,7 @@ def _add_layer_norm_fwd_kernel(
     M,
     N,
     eps,
-    dropout_threshold,  # uint32 threshold of the keep-mask (see common.dropout_threshold)
+    dropout_threshold,  # threshold of the keep-mask's 32-bit draws (see common.dropout_threshold)
     dropout_scale,  # 1 / (1 - p)
     seed,
     BLOCK_M: tl.constexpr,
@@ -136,7 +136,7 @@ def _add_layer_norm_fwd_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows, tl.cdiv(N, 4), 0, dropout_threshold, BLOCK_M, BLOCK_N)
+        keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
         x = tl.where(keep, x * dropout_scale, 0.0)
     s = x + r.to(tl.float32)
 
@@ -202,7 +202,7 @@ def _add_layer_norm_bwd_kernel(
         x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(N, 4), 0, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
             x = tl.where(keep, x * dropout_scale, 0.0)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -244,7 +244,7 @@ def _add_layer_norm_keep_mask_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    keep = dropout_keep(seed, rows, tl.cdiv(N, 4), tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N)
+    keep = dropout_keep(seed, rows, N, tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N, 32)
     tl.store(keep_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
@@ -276,7 +276,7 @@ def add_layer_norm_fwd(
     _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, residual, weight, bias, y, mean, rstd,
         x.stride(0), residual.stride(0), y.stride(0),
-        M, N, eps, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), philox_seed(seed),
+        M, N, eps, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0, ALIGNED=_is_aligned(N, x, residual),
         num_warps=num_warps,
     )  # fmt: skip
@@ -312,7 +312,7 @@ def add_layer_norm_bwd(
         dy, x, residual, weight, mean, rstd,
         dresidual, dx if has_dropout else dresidual, dw_partial, db_partial,
         dy.stride(0), x.stride(0), residual.stride(0),
-        M, N, tiles_per_program, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), philox_seed(seed),
+        M, N, tiles_per_program, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout, PARAM_GRADS=param_grads,
         ALIGNED=_is_aligned(N, dy, x, residual), num_warps=num_warps,
     )  # fmt: skip
@@ -329,7 +329,7 @@ def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch
     """The [M, N] bool keep-mask add_layer_norm applies to x for this seed and p (for tests and debugging)."""
     keep = torch.empty((M, N), device=device, dtype=torch.int8)
     _add_layer_norm_keep_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 64))](
-        keep, M, N, dropout_threshold(dropout_p), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
+        keep, M, N, dropout_threshold(dropout_p, 32), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
     )
     return keep.bool()
 

@@ -30,7 +30,7 @@ Backward (recomputes p from lse instead of storing it), with delta = rowsum(dout
 dk/dv come from one kernel looping over query blocks for a key block, dq from another looping over key blocks:
 no atomics, deterministic gradients. Dropout (Philox, common.dropout_keep) is regenerated in the backward; row id
 of query i of (b, h) is ``(b·heads + h)·seq_q + i`` padded and ``h·total_tokens + token`` varlen (the index of
-its lse); ``row_counters = cdiv(seq_k, 4)`` (seq_k = max_seqlen for varlen).
+its lse); rows are seq_k long (seq_k = max_seqlen for varlen).
 
 Memory: eager attention writes and reads the [B, H, S, S] scores and probabilities several times (fwd + bwd);
 this reads q, k, v once per query/key block and stores out and lse (O(S) per head).
@@ -64,6 +64,9 @@ from fastbert.kernels.common import (
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
+# Width of each dropout draw (common.dropout_keep): 16-bit draws, eight per Philox evaluation, so that dropout
+# costs the issue-bound loops half the Philox work of 32-bit ones; p is then honoured to within 2^-17.
+DROPOUT_BITS = tl.constexpr(16)
 
 
 # ----------------------------------------------------------------------------------------------- tuning
@@ -72,14 +75,19 @@ LOG2E = 1.4426950408889634
 # dtype and head-dim block it applies to.
 _HALF = ("fp16", "bf16")
 # An optional 7th field limits an entry to calls with (True) or without (False) dropout: the forward's Philox
-# state costs registers, and the larger tiles spill with it (the compile gate showed it).
+# state costs registers, and the larger tiles spill with it (the compile gate showed it). With dropout the loops
+# are bound by instruction issue, not by the MMAs (Philox, selects: ~30 instructions a thread per score against
+# ~9 without, benchmarks/sass_loops.py), so the dropout entries are the spill-free tiles with the fewest
+# instructions per score: 64-row tiles on 8 warps, for one, needed ~40.
 _FWD_CONFIGS = (
     (128, 64, 8, 3, _HALF, (32,), False),
     (128, 64, 8, 2, _HALF, (64,), False),
-    (64, 64, 8, 2, _HALF, (32, 64), True),
+    (128, 64, 8, 2, _HALF, (32,), True),
+    (128, 32, 8, 2, _HALF, (64,), True),
     (128, 32, 8, 1, _HALF, (128,), False),
     (64, 32, 8, 1, _HALF, (128,), True),
-    (32, 32, 4, 1, ("fp32",), (32,)),
+    (32, 32, 4, 1, ("fp32",), (32,), False),
+    (16, 32, 4, 1, ("fp32",), (32,), True),
     (32, 32, 8, 1, ("fp32",), (64,)),
     (16, 32, 8, 1, ("fp32",), (128,)),
 )
@@ -87,14 +95,12 @@ _FWD_CONFIGS = (
 # Entries split by dropout where Triton 3.6's or 3.9's register allocation spilled one of the variants (the
 # compile gate runs with CI's Triton; the Triton 3.6 results were checked with the same gate, see the notes).
 _DKDV_CONFIGS = (
-    (32, 128, 8, 2, _HALF, (32, 64), False),
-    (32, 64, 8, 2, _HALF, (32, 64), True),
+    (32, 128, 8, 2, _HALF, (32, 64)),
     (16, 64, 8, 1, _HALF, (128,), False),
     (16, 32, 8, 1, _HALF, (128,), True),
     (16, 32, 8, 1, ("fp32",), (32, 128), False),
     (16, 32, 4, 1, ("fp32",), (64,), False),
-    (16, 32, 8, 1, ("fp32",), (32, 64), True),
-    (32, 32, 8, 1, ("fp32",), (128,), True),
+    (32, 32, 8, 1, ("fp32",), (32, 64, 128), True),
 )
 _DQ_CONFIGS = (
     (128, 64, 8, 2, _HALF, (64,), False),
@@ -103,8 +109,10 @@ _DQ_CONFIGS = (
     (32, 64, 8, 1, _HALF, (128,)),
     (32, 32, 4, 1, ("fp32",), (32,), False),
     (32, 32, 8, 1, ("fp32",), (32,), True),
-    (16, 16, 4, 1, ("fp32",), (64,)),
-    (16, 16, 8, 1, ("fp32",), (128,)),
+    (16, 16, 4, 1, ("fp32",), (64,), False),
+    (16, 16, 8, 1, ("fp32",), (64,), True),
+    (16, 16, 8, 1, ("fp32",), (128,), False),
+    (16, 16, 4, 2, ("fp32",), (128,), True),
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _PREPROCESS_BLOCK_M = 64
@@ -253,7 +261,7 @@ def _fwd_blocks(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT_BITS)
             p = tl.where(keep, p * dropout_scale, 0.0)
         if MASKED:
             v_ok = n_ok[:, None] & d_ok[None, :]
@@ -422,7 +430,7 @@ def _dkdv_blocks(
         dpt = _dot(v, tl.trans(do))
         pt_drop = pt
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT_BITS)
             keep_t = tl.trans(tl.where(keep, dropout_scale, 0.0))
             pt_drop = pt * keep_t
             dpt = dpt * keep_t
@@ -534,7 +542,7 @@ def _dq_blocks(
             p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
         dp = _dot(do, vt)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT_BITS)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k)
@@ -615,8 +623,8 @@ def _attention_keep_mask_kernel(
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, rows, tl.cdiv(seq_k, 4), tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M,
-                        BLOCK_N)  # fmt: skip
+    keep = dropout_keep(seed, rows, seq_k, tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N,
+                        DROPOUT_BITS)  # fmt: skip
     tl.store(keep_ptr + rows.to(tl.int64)[:, None] * seq_k + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))  # fmt: skip
 
@@ -694,8 +702,8 @@ class _Layout:
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
 
     def flags(self, dropout_p: float, seed: int) -> tuple:
-        return (int(self.varlen), int(self.has_mask), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-                philox_seed(seed), seq_bucket(self.max_q))  # fmt: skip
+        return (int(self.varlen), int(self.has_mask), dropout_threshold(dropout_p, DROPOUT_BITS.value),
+                1.0 / (1.0 - dropout_p), philox_seed(seed), seq_bucket(self.max_q))  # fmt: skip
 
 
 # Columns of the key bias come in whole blocks of this many, at least the largest BLOCK_N of any config, so that
@@ -810,7 +818,7 @@ def dropout_keep_mask(
     rows = batch * heads * seq_q
     keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
     _attention_keep_mask_kernel[(triton.cdiv(rows, 16), triton.cdiv(seq_k, 64))](
-        keep, rows, seq_k, dropout_threshold(p), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
+        keep, rows, seq_k, dropout_threshold(p, DROPOUT_BITS.value), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
     )
     return keep.bool().view(batch, heads, seq_q, seq_k)
 

@@ -55,14 +55,19 @@ def pointer_args(signature: dict[str, str]) -> tuple[str, ...]:
     return tuple(name for name, kind in signature.items() if kind.startswith("*"))
 
 
-def dropout_threshold(p: float) -> int:
-    """The threshold of a dropout keep-mask, in the signed form dropout_keep compares with: an element is kept iff
-    its 32-bit random draw u satisfies u >= t (unsigned), so the keep probability is 1 - p to within 2^-32; t is
-    passed as t - 2^31, which always fits an int32, so every p launches the same compiled kernel (a Python int
-    of 2^31 or more would make Triton compile an int64 variant for p >= 0.5)."""
+def dropout_threshold(p: float, bits: int) -> int:
+    """The threshold of a dropout keep-mask whose draws are ``bits`` (16 or 32) wide: an element is kept iff its
+    draw u (uniform on 0 .. 2^bits - 1) satisfies u >= t, with t = round(p · 2^bits) (at most 2^bits - 1), so
+    the keep probability is 1 - t / 2^bits, within 2^-(bits + 1) of 1 - p (FlashAttention-2 draws 8 bits).
+    Kernels scale the kept values by 1 / (1 - p), as PyTorch does. The 32-bit threshold is passed as t - 2^31
+    (dropout_keep compares in int32 with the top bit flipped): it always fits an int32, so every p launches the
+    same compiled kernel (a Python int of 2^31 or more would make Triton compile an int64 variant)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return min(int(p * 4294967296.0), 4294967295) - 2**31
+    if bits not in (16, 32):
+        raise ValueError(f"dropout draws are 16 or 32 bits wide, got {bits}")
+    t = min(round(p * 2.0**bits), 2**bits - 1)
+    return t - 2**31 if bits == 32 else t
 
 
 def philox_seed(seed: int) -> int:
@@ -73,20 +78,36 @@ def philox_seed(seed: int) -> int:
 
 
 @triton.jit
-def dropout_keep(seed, row_ids, row_counters, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile, from Philox-4x32 keyed by ``seed``.
+def dropout_keep(
+    seed, row_ids, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
+):
+    """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile of a [rows, row_length] mask, from Philox-4x32 keyed by
+    ``seed``; kept iff the element's ``BITS``-bit draw is >= ``threshold`` (dropout_threshold(p, BITS)).
 
-    Element (row, col) takes lane ``col % 4`` of the Philox draw at counter ``row * row_counters + col // 4``
-    (64-bit counter, ``row_counters = cdiv(row_length, 4)``), so one Philox evaluation serves four elements and
-    the mask is the same whatever the tiling, as long as ``col_start`` is a multiple of 4. Kept iff the 32-bit
-    draw is >= the unsigned threshold, compared in int32 as (draw - 2^31) >= ``threshold`` (the signed form
-    dropout_threshold returns: flipping the top bit maps unsigned order onto signed order). Forward and backward
-    call this with the same arguments, so the mask is regenerated instead of stored.
+    One Philox evaluation gives four 32-bit words: four 32-bit draws, or eight 16-bit ones (k = 4 or 8 elements
+    per evaluation). Row ``row`` uses the counters ``row · cdiv(row_length, k) + col // k`` (64-bit). With 32 bits
+    element (row, col) takes word ``col % 4``; with 16 bits, word ``(col % 8) // 2``, low half for an even col and
+    high half for an odd one. So the mask is the same whatever the tiling, as long as ``col_start`` is a multiple
+    of k, and forward and backward regenerate it instead of storing it. 16-bit draws halve the Philox work per
+    element (ten rounds of 32-bit multiplies: most of attention's extra instructions under dropout) at the cost of
+    a 2^-16 granularity in p and, in some layouts, a few more registers; add_layer_norm, bound by memory, keeps
+    32.
     """
-    counters = row_ids.to(tl.int64)[:, None] * row_counters + (col_start // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+    PER_COUNTER: tl.constexpr = 128 // BITS
+    # (the tensor first: in the interpreter an int column start // a constexpr is a constexpr, which does not add
+    # a tensor to itself)
+    cols = tl.arange(0, BLOCK_N // PER_COUNTER) + col_start // PER_COUNTER
+    counters = row_ids.to(tl.int64)[:, None] * tl.cdiv(row_length, PER_COUNTER) + cols[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
-    return (draws ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
+    # words[c, j, i] = r_(2j + i): word w = 2j + i of counter c
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    if BITS == 32:
+        # column 4c + w; unsigned order as signed order by flipping the top bit
+        keep = (words ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
+    else:
+        # the half-word h innermost: column 8c + 2w + h
+        keep = tl.join((words & 0xFFFF).to(tl.int32) >= threshold, (words >> 16).to(tl.int32) >= threshold)
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
 @dataclasses.dataclass(frozen=True)

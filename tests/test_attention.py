@@ -194,6 +194,20 @@ def test_dropout_reproducible_and_keep_rate():
     assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
 
 
+def test_dropout_threshold_rounds_p_to_the_draw_width():
+    from fastbert.kernels.common import dropout_threshold
+
+    assert dropout_threshold(0.0, 16) == 0  # every 16-bit draw kept
+    assert dropout_threshold(0.1, 16) == 6554  # round(0.1 * 2^16): keep 1 - 6554 / 65536, within 2^-17 of 0.9
+    assert dropout_threshold(1 - 2**-20, 16) == 65535  # never "drop everything" for p < 1
+    assert dropout_threshold(0.0, 32) == -(2**31)  # 32-bit: t - 2^31, compared with the top bit flipped
+    assert dropout_threshold(0.5, 32) == 0
+    with pytest.raises(ValueError, match="16 or 32"):
+        dropout_threshold(0.1, 8)
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout_threshold(1.0, 16)
+
+
 def test_dropout_keep_mask_lanes_are_independent():
     # One Philox evaluation gives eight 16-bit draws, to eight neighbouring keys (common.dropout_keep): each lane
     # must keep at the requested rate, and neighbours (the two halves of one 32-bit word, and across words) must

@@ -140,10 +140,11 @@ def add_layer_norm(
 
     x, residual: [..., hidden] of one shape and dtype (fp16, bf16 or fp32), any strides; weight, bias: [hidden]
     in that dtype or fp32. Statistics are computed in fp32. ``dropout_p`` > 0 applies dropout to ``x`` inside
-    the kernel (Philox, seeded from PyTorch's generator so ``torch.manual_seed`` reproduces it); pass 0 at
-    inference. Under ``torch.autocast`` it follows PyTorch's autocast layer_norm: the result is float32, and x
-    may be half while residual is float32 (read as they are: no cast copies). Returns [..., hidden] in
-    residual's dtype. CPU tensors run the eager reference unless TRITON_INTERPRET=1.
+    the kernel (Philox, seeded from PyTorch's generator so ``torch.manual_seed`` reproduces it; 32-bit draws: the
+    keep probability is 1 - p within 2^-33); pass 0 at inference. Under ``torch.autocast`` it follows PyTorch's
+    autocast layer_norm: the result is float32, and x may be half while residual is float32 (read as they are:
+    no cast copies). Returns [..., hidden] in residual's dtype. CPU tensors run the eager reference unless
+    TRITON_INTERPRET=1.
     """
     dropout_p = check_dropout_p(dropout_p)
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)

@@ -181,7 +181,8 @@ def attention(
     strides (transposed views are read in place); head_dim in (32, 64, 80, 96, 128). ``attention_mask``: None or
     a [batch, seq_k] key-padding mask, bool or 0/1 integers, 1 = attend (any pattern, not only right padding); a
     query whose keys are all masked gets zeros (and zero gradients). ``scale`` defaults to head_dim ** -0.5.
-    ``dropout_p`` > 0 drops probabilities inside the kernel (Philox, seeded from PyTorch's generator).
+    ``dropout_p`` > 0 drops probabilities inside the kernel (Philox, seeded from PyTorch's generator; 16-bit draws:
+    the keep probability is 1 - p within 2^-17, kept values scaled by 1 / (1 - p)).
 
     Returns [batch, heads, seq_q, head_dim] in q's dtype, stored as [batch, seq_q, heads, head_dim]: the result
     is a transposed view, so ``out.transpose(1, 2).reshape(batch, seq_q, heads * head_dim)`` costs no copy.
