@@ -3,7 +3,8 @@
 # under $OUT (the device tool's result folder; a local folder otherwise). Run from the repository root:
 #
 #   bash benchmarks/gpu_session.sh tests      # GPU test suite (bf16, BERT shapes, GPU fine-tune) + GPU facts
-#   bash benchmarks/gpu_session.sh ops        # the three per-op benchmarks, quick shapes, then the config sweeps
+#   bash benchmarks/gpu_session.sh ops        # the three per-op benchmarks, quick shapes
+#   bash benchmarks/gpu_session.sh sweeps     # tile-config sweeps (GEMM, attention fwd / bwd, with dropout too)
 #   bash benchmarks/gpu_session.sh bert       # fastbert bench --quick (inference and training step)
 #   bash benchmarks/gpu_session.sh audit-ops  # ../shared/gpu_audit.py, one section a call (copied to .audit/
 #   bash benchmarks/gpu_session.sh audit-e2e  #   and carried: see ../shared/GPU.md)
@@ -30,7 +31,9 @@ ops)
   timeout 240 python3 benchmarks/bench_attention.py --quick --out "$OUT" 2>&1 | tee "$OUT/ops.log"
   timeout 120 python3 benchmarks/bench_linear_gelu.py --quick --out "$OUT" 2>&1 | tee -a "$OUT/ops.log"
   timeout 60 python3 benchmarks/bench_add_layer_norm.py --quick --out "$OUT" 2>&1 | tee -a "$OUT/ops.log"
-  timeout 150 python3 benchmarks/sweep_configs.py attention attention_bwd linear_gelu 2>&1 | tee "$OUT/sweep.log"
+  ;;
+sweeps)
+  timeout 560 python3 benchmarks/sweep_configs.py attention attention_bwd linear_gelu 2>&1 | tee "$OUT/sweep.log"
   ;;
 bert)
   timeout 580 fastbert bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
@@ -39,7 +42,7 @@ audit-ops | audit-e2e | audit-train)
   timeout 580 python3 .audit/gpu_audit.py --out "$OUT" --sections "${1#audit-}" 2>&1 | tee "$OUT/audit.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests|ops|bert|audit-ops|audit-e2e|audit-train" >&2
+  echo "usage: bash benchmarks/gpu_session.sh tests|ops|sweeps|bert|audit-ops|audit-e2e|audit-train" >&2
   exit 2
   ;;
 esac

@@ -810,15 +810,16 @@ def attention_bwd(
 
 
 def dropout_keep_mask(
-    seed: int, batch: int, heads: int, seq_q: int, seq_k: int, p: float, device: torch.device
+    seed: int, batch: int, heads: int, seq_q: int, seq_k: int, p: float, device: torch.device, block_n: int = 64
 ) -> torch.Tensor:
     """The bool keep-mask [batch, heads, seq_q, seq_k] padded attention applies to its probabilities for this seed
     and p (for tests). For varlen, sequence b's mask is rows ``h·total + token`` of the [heads·total, max_seqlen]
-    mask this returns for (batch=1, heads, seq_q=total, seq_k=max_seqlen), columns 0:len_b."""
+    mask this returns for (batch=1, heads, seq_q=total, seq_k=max_seqlen), columns 0:len_b. ``block_n``: the key
+    tile it is drawn in (16, 32, 64, ...: the mask must not depend on it, which the tests check)."""
     rows = batch * heads * seq_q
     keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
-    _attention_keep_mask_kernel[(triton.cdiv(rows, 16), triton.cdiv(seq_k, 64))](
-        keep, rows, seq_k, dropout_threshold(p, DROPOUT_BITS.value), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
+    _attention_keep_mask_kernel[(triton.cdiv(rows, 16), triton.cdiv(seq_k, block_n))](
+        keep, rows, seq_k, dropout_threshold(p, DROPOUT_BITS.value), philox_seed(seed), BLOCK_M=16, BLOCK_N=block_n
     )
     return keep.bool().view(batch, heads, seq_q, seq_k)
 

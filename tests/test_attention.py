@@ -194,6 +194,32 @@ def test_dropout_reproducible_and_keep_rate():
     assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 128])
+def test_dropout_keep_mask_does_not_depend_on_the_tile(block_n):
+    # The forward and the two backward kernels draw the mask in key tiles of different widths (16 to 128): each
+    # must regenerate the same mask (common.dropout_keep: one Philox counter serves eight columns).
+    from fastbert.kernels.attention import dropout_keep_mask
+
+    expected = dropout_keep_mask(3, 1, 2, 8, 100, 0.5, DEVICE, block_n=64)
+    assert torch.equal(dropout_keep_mask(3, 1, 2, 8, 100, 0.5, DEVICE, block_n=block_n), expected)
+
+
+def test_dropout_draws_are_not_reused():
+    # No two elements, in one row or in neighbouring rows, may share a draw (each row has its own range of Philox
+    # counters even when its length is not a multiple of the eight columns a counter serves): with p = 0.5 every
+    # pair of columns must be uncorrelated across rows.
+    from fastbert.kernels.attention import dropout_keep_mask
+
+    keep = dropout_keep_mask(8, 2, 4, 64, 40, 0.5, DEVICE).reshape(-1, 40)
+    x = keep.double() * 2 - 1
+    n = x.shape[0] - 1
+    within = x.T @ x / (n + 1) - torch.eye(40, dtype=torch.float64)
+    across = x[:-1].T @ x[1:] / n
+    bound = 6 / n**0.5  # independent columns: |correlation| ~ 1 / sqrt(n)
+    assert within.abs().max() < bound, within.abs().max()
+    assert across.abs().max() < bound, across.abs().max()
+
+
 def test_dropout_threshold_rounds_p_to_the_draw_width():
     from fastbert.kernels.common import dropout_threshold
 
