@@ -25,6 +25,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -373,6 +374,13 @@ def _plot(rows: list[dict], path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.dry_run:
+        from fastbert.ops._common import interpreting
+
+        if not interpreting() and any(name.startswith("fastbert.kernels.") for name in sys.modules):
+            # Triton picks compiled or interpreted kernels when their module is imported: too late here.
+            msg = "the kernels were already imported for the GPU in this process; the dry run needs Triton's"
+            print(f"fastbert bench --dry-run: {msg} interpreter (a fresh process, or TRITON_INTERPRET=1 set first)")
+            return 1
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 

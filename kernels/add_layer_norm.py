@@ -40,9 +40,11 @@ import triton.language as tl
 from fastbert.kernels.common import (
     GateCase,
     aligned_base,
+    cdiv,
     dropout_keep,
     dropout_threshold,
     empty,
+    next_power_of_2,
     num_programs_for,
     philox_seed,
     pointer_args,
@@ -60,7 +62,7 @@ _MIN_BLOCK_N = 16
 def fwd_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the forward kernel: whole rows, ~2K elements and 8 per thread a program
     (more spills once Philox is live), up to 16 per thread for the widest rows."""
-    block_n = max(_MIN_BLOCK_N, triton.next_power_of_2(n))
+    block_n = max(_MIN_BLOCK_N, next_power_of_2(n))
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = min(16, max(4, block_m * block_n // 256))
     return block_m, block_n, num_warps
@@ -72,7 +74,7 @@ def bwd_config(n: int) -> tuple[int, int, int]:
     which hold no accumulators). Chosen so that the compile gate sees no spill on sm_80 or sm_90: rows of 2048
     and 4096 (the widest that keep accumulators) take 4 elements a thread, as 8 spilled on sm_90 with dropout
     (Triton 3.9's ptxas; 2048 in the unaligned variant)."""
-    block_n = max(_MIN_BLOCK_N, triton.next_power_of_2(n))
+    block_n = max(_MIN_BLOCK_N, next_power_of_2(n))
     block_m = max(1, min(4, 1024 // block_n))
     num_warps = min(16, max(4, block_m * block_n // 256))
     if block_n in (2048, MAX_HIDDEN_DROPOUT):
@@ -213,6 +215,13 @@ def _add_layer_norm_bwd_kernel(
         # weight is re-read per tile (it stays in L1/L2) rather than held: at N = 8192 registers are the limit.
         w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         g = dy * w[None, :]
+        if BLOCK_N == 16:  # _MIN_BLOCK_N
+            # Rows of up to 16: the select keeps dy * w rounded before its row mean is subtracted, as in eager
+            # PyTorch. Otherwise the compiler fuses (dy * w - mean_g) into one fma, whose unrounded product rstd
+            # (1 / sqrt(eps) = 1e6 for a constant row) magnifies: over a hidden size of 1, where dx is exactly 0
+            # (and eager's is), a GPU gave 0.014. Wider rows keep the fma: for them eager's own rounding is
+            # magnified alike (the 2x-eager rule covers both), and the unfused product spilled in six variants.
+            g = tl.where(mask, g, 0.0)
         mean_g = tl.math.div_rn(tl.sum(g, axis=1), N * 1.0)
         mean_gx = tl.math.div_rn(tl.sum(g * xhat, axis=1), N * 1.0)
         ds = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
@@ -273,7 +282,7 @@ def add_layer_norm_fwd(
         return y, mean, rstd
     block_m, block_n, num_warps = fwd_config(N)
     x, residual, weight, bias = (aligned_base(t) for t in (x, residual, weight, bias))
-    _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _add_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual, weight, bias, y, mean, rstd,
         x.stride(0), residual.stride(0), y.stride(0),
         M, N, eps, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
@@ -301,9 +310,9 @@ def add_layer_norm_bwd(
     dresidual = empty((M, N), device=x.device, dtype=residual.dtype)
     dx = empty((M, N), device=x.device, dtype=x.dtype) if has_dropout else None
     block_m, block_n, num_warps = bwd_config(N)
-    tiles = triton.cdiv(M, block_m)
-    tiles_per_program = triton.cdiv(tiles, max(1, min(num_programs_for(x.device), tiles)))
-    programs = max(1, triton.cdiv(tiles, tiles_per_program))
+    tiles = cdiv(M, block_m)
+    tiles_per_program = cdiv(tiles, max(1, min(num_programs_for(x.device), tiles)))
+    programs = max(1, cdiv(tiles, tiles_per_program))
     param_grads = N <= MAX_HIDDEN_DROPOUT
     dw_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
     db_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
@@ -328,7 +337,7 @@ def add_layer_norm_bwd(
 def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch.device) -> torch.Tensor:
     """The [M, N] bool keep-mask add_layer_norm applies to x for this seed and p (for tests and debugging)."""
     keep = torch.empty((M, N), device=device, dtype=torch.int8)
-    _add_layer_norm_keep_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 64))](
+    _add_layer_norm_keep_mask_kernel[(cdiv(M, 16), cdiv(N, 64))](
         keep, M, N, dropout_threshold(dropout_p, 32), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
     )
     return keep.bool()

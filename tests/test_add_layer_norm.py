@@ -62,6 +62,19 @@ def test_matches_reference(shape, dtype):
     check_against_reference(*make_inputs(shape, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_hidden_size_one_is_exact(dtype):
+    # LayerNorm over one element: y = bias, dx = dresidual = dweight = 0 and dbias = sum(dy), all exactly. A GPU
+    # gave dx = 0.014 in float32 while the backward fused dy * w - mean into one fma (see the backward kernel;
+    # the interpreter never fuses, so only a GPU run tests that). Eager float16 gives NaN here (rstd = 1e6).
+    x, r, w, b, dy = make_inputs((3, 1), dtype)
+    out, (dx, dr, dw, db) = run(lambda *t: ops.add_layer_norm(*t), (x, r, w, b), dy)
+    assert torch.equal(out, b.expand(3, 1))
+    for name, g in (("dx", dx), ("dresidual", dr), ("dweight", dw)):
+        assert torch.equal(g, torch.zeros_like(g)), (name, g)
+    torch.testing.assert_close(db, dy.float().sum(0).to(dtype))
+
+
 def test_half_activations_fp32_params():
     check_against_reference(*make_inputs((5, 96), torch.float16, param_dtype=torch.float32))
 

@@ -213,7 +213,7 @@ def test_dropout_draws_are_not_reused():
     keep = dropout_keep_mask(8, 2, 4, 64, 40, 0.5, DEVICE).reshape(-1, 40)
     x = keep.double() * 2 - 1
     n = x.shape[0] - 1
-    within = x.T @ x / (n + 1) - torch.eye(40, dtype=torch.float64)
+    within = x.T @ x / (n + 1) - torch.eye(40, dtype=torch.float64, device=x.device)
     across = x[:-1].T @ x[1:] / n
     bound = 6 / n**0.5  # independent columns: |correlation| ~ 1 / sqrt(n)
     assert within.abs().max() < bound, within.abs().max()
