@@ -55,10 +55,12 @@ import triton.language as tl
 from fastbert.kernels.common import (
     GateCase,
     aligned_base,
+    cdiv,
     dropout_keep,
     dropout_threshold,
     empty,
     interpreting,
+    next_power_of_2,
     philox_seed,
 )
 
@@ -162,7 +164,7 @@ _TUNE_KEY = ["seq_bucket", "BLOCK_D", "HAS_DROPOUT"]
 
 def seq_bucket(max_seqlen: int) -> int:
     """Autotuning key of the sequence length: powers of two up to 1024, so variable shapes do not retune forever."""
-    return min(triton.next_power_of_2(max(1, max_seqlen)), 1024)
+    return min(next_power_of_2(max(1, max_seqlen)), 1024)
 
 
 # Runtime flags and sizes stay runtime (not constexpr) so that one compilation serves masked, varlen and dropout
@@ -697,7 +699,7 @@ class _Layout:
                 raise ValueError("attention: the key bias must come from key_bias() (fp32 [batch, seq_k rounded up "
                                  f"to {KEY_BIAS_BLOCK}], unit stride), got {got}")  # fmt: skip
         self.bias = aligned_base(bias) if bias is not None else _placeholder(q.device, torch.float32).view(1, 1)
-        self.block_d = max(32, triton.next_power_of_2(self.head_dim))
+        self.block_d = max(32, next_power_of_2(self.head_dim))
         self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
 
@@ -717,7 +719,7 @@ def key_bias(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
     """The kernels' form of a [batch, seq_k] key-padding mask (nonzero / True = attend): fp32 [batch, seq_k
     rounded up to KEY_BIAS_BLOCK], 0.0 where attended, -inf where masked and past seq_k. Made once per call and
     shared by the forward and the backward."""
-    padded = triton.cdiv(max(seq_k, 1), KEY_BIAS_BLOCK) * KEY_BIAS_BLOCK
+    padded = cdiv(max(seq_k, 1), KEY_BIAS_BLOCK) * KEY_BIAS_BLOCK
     bias = torch.full((mask.shape[0], padded), float("-inf"), device=mask.device, dtype=torch.float32)
     bias[:, :seq_k].masked_fill_(mask != 0, 0.0)
     return bias
@@ -748,7 +750,7 @@ def attention_fwd(
     lse = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse
-    grid = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
+    grid = lambda meta: (cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, lay.bias, lay.cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
@@ -784,7 +786,7 @@ def attention_bwd(
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(lay.max_q, _PREPROCESS_BLOCK_M), lay.batch * lay.heads)](
+    _attention_bwd_preprocess_kernel[(cdiv(lay.max_q, _PREPROCESS_BLOCK_M), lay.batch * lay.heads)](
         out, do, delta, lay.cu, *_strides(out), *_strides(do),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
         BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
@@ -792,14 +794,14 @@ def attention_bwd(
     flags = lay.flags(dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     max_k = lay.max_q if lay.varlen else lay.seq_k
-    grid_k = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)  # noqa: E731
+    grid_k = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)  # noqa: E731
     _attention_bwd_dkdv_kernel[grid_k](
         q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
         *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
         BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
     )  # fmt: skip
-    grid_q = lambda meta: (triton.cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
+    grid_q = lambda meta: (cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
         *common, *_strides(dq), lay.bias.stride(0),
@@ -818,7 +820,7 @@ def dropout_keep_mask(
     tile it is drawn in (16, 32, 64, ...: the mask must not depend on it, which the tests check)."""
     rows = batch * heads * seq_q
     keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
-    _attention_keep_mask_kernel[(triton.cdiv(rows, 16), triton.cdiv(seq_k, block_n))](
+    _attention_keep_mask_kernel[(cdiv(rows, 16), cdiv(seq_k, block_n))](
         keep, rows, seq_k, dropout_threshold(p, DROPOUT_BITS.value), philox_seed(seed), BLOCK_M=16, BLOCK_N=block_n
     )
     return keep.bool().view(batch, heads, seq_q, seq_k)

@@ -17,15 +17,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
+def _poison() -> bool:
+    return os.environ.get("FASTBERT_POISON") == "1"
+
+
 def empty(shape, *, device, dtype):
-    """torch.empty for kernel outputs. Under FASTBERT_POISON=1 (set by the test suite) float outputs are filled
-    with NaN first, so an element a kernel forgets to write fails the tests instead of passing by luck."""
+    """torch.empty for kernel outputs. Under FASTBERT_POISON=1 (set by the test suite before fastbert is
+    imported; read once) float outputs are filled with NaN first, so an element a kernel forgets to write fails
+    the tests instead of passing by luck."""
     import torch
 
     out = torch.empty(shape, device=device, dtype=dtype)
-    if out.is_floating_point() and os.environ.get("FASTBERT_POISON") == "1":
+    if _poison() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+# Host-side integer helpers for launchers: triton.cdiv and triton.next_power_of_2 are constexpr functions, whose
+# call from Python code unwraps its arguments (~10% of an op's host time when launchers called them).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 @functools.cache

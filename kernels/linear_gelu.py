@@ -43,7 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, aligned_base, empty, interpreting, pointer_args
+from fastbert.kernels.common import (
+    GateCase,
+    aligned_base,
+    cdiv,
+    empty,
+    interpreting,
+    next_power_of_2,
+    pointer_args,
+)
 
 _APPROX = {"none": 0, "tanh": 1}
 _MAX_M_BUCKET = 8192  # rows beyond this tune alike: the grid is large enough either way
@@ -83,7 +91,7 @@ def _prune(configs, named_args, **kwargs):
 
 def m_bucket(m: int) -> int:
     """The autotune key for the row count: the next power of two, capped, so varying batch sizes reuse tunings."""
-    return min(triton.next_power_of_2(max(m, 1)), _MAX_M_BUCKET)
+    return min(next_power_of_2(max(m, 1)), _MAX_M_BUCKET)
 
 
 def bwd_config() -> tuple[int, int, int]:
@@ -331,7 +339,7 @@ def linear_gelu_fwd(
     h_out = h if store_preact else y  # not written without STORE_PREACT
 
     def portable():
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _linear_gelu_fwd_kernel[grid](
             x2d, weight, bias, y, h_out,
             M, N, K, x2d.stride(0), weight.stride(0), m_bucket(M),
@@ -384,13 +392,13 @@ def linear_gelu_bwd(
     N = weight.shape[0]
     block_m, block_n, num_warps = bwd_config()
     dy = _aligned(dy)
-    tiles_m = triton.cdiv(M, block_m)
+    tiles_m = cdiv(M, block_m)
     dh = empty((M, N), device=x2d.device, dtype=h.dtype)
     db_partial = empty((max(tiles_m, 1), N), device=x2d.device, dtype=torch.float32)
     if M == 0:
         db_partial.zero_()
     else:
-        _linear_gelu_bwd_kernel[(tiles_m, triton.cdiv(N, block_n))](
+        _linear_gelu_bwd_kernel[(tiles_m, cdiv(N, block_n))](
             dy, h, dh, db_partial, M, N, dy.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, APPROX=_APPROX[approximate], num_warps=num_warps,
         )  # fmt: skip

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, interpreting, pointer_args, sm_count
+from fastbert.kernels.common import GateCase, cdiv, interpreting, pointer_args, sm_count
 from fastbert.kernels.linear_gelu import _APPROX, _multiple_of_8, _tile_coords, store_tile
 
 
@@ -121,7 +121,7 @@ def linear_gelu_fwd_sm90(
         programs = sm_count(x2d.device.index if x2d.device.index is not None else 0)
 
     def grid(meta):
-        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
     _linear_gelu_fwd_sm90_kernel[grid](
         x_desc, w_desc, bias, y, h, M, N, K, m_bucket,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastbert import reference
 from fastbert.ops._common import (
+    NO_SEED,
     call,
     check_dropout_p,
     check_float,
@@ -160,6 +161,6 @@ def add_layer_norm(
     if dropout_p > 0.0 and n > MAX_HIDDEN_DROPOUT:
         # Documented fallback: the fused backward would spill with the mask live at this width.
         x2, dropout_p = F.dropout(x2, dropout_p), 0.0
-    seed = draw_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    seed = draw_seed() if dropout_p > 0.0 else NO_SEED
     y, _, _ = call(_fwd, _eager, x2, r2, weight, bias, float(eps), dropout_p, seed)
     return y.view(residual.shape)

@@ -7,6 +7,7 @@ import torch
 
 from fastbert import reference
 from fastbert.ops._common import (
+    NO_SEED,
     call,
     check_dropout_p,
     check_float,
@@ -150,7 +151,7 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 
 
 def _seed(dropout_p: float) -> torch.Tensor:
-    return draw_seed() if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    return draw_seed() if dropout_p > 0.0 else NO_SEED
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
