@@ -140,22 +140,14 @@ def main() -> None:
     args = p.parse_args()
     import triton
 
+    from fastbert.benchtools import forward_backward
+
     print(f"torch {torch.__version__}, triton {triton.__version__}; host us per call, launches stubbed")
     with fake_gpu():
         for name, (fwd, leaves) in cases().items():
             if args.only and name not in args.only.split(","):
                 continue
-            dy = None
-
-            def fb(fwd=fwd, leaves=leaves):
-                nonlocal dy
-                y = fwd()
-                if dy is None:
-                    dy = torch.ones_like(y)
-                y.backward(dy)
-                for t in leaves:
-                    t.grad = None
-
+            fb = forward_backward(fwd, leaves, torch.ones_like)
             # linear_gelu's backward runs its matmuls in PyTorch: on the CPU they are real work, not overhead.
             with torch.no_grad():
                 f_us = per_call_us(fwd)

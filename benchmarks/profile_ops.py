@@ -104,17 +104,7 @@ def main() -> None:
     print(harness.header())
     rows = []
     for name, fwd, leaves in cases(set(args.only.split(","))):
-        dy = None
-
-        def fb(fwd=fwd, leaves=leaves):
-            nonlocal dy
-            out = fwd()
-            if dy is None:
-                dy = torch.randn_like(out)
-            out.backward(dy)
-            for t in leaves:
-                t.grad = None
-
+        fb = harness.forward_backward(fwd, leaves)
         for mode, fn in (("fwd", lambda fwd=fwd: fwd()), ("fwd+bwd", fb)):
             ctx = torch.no_grad() if mode == "fwd" else torch.enable_grad()
             with ctx:

@@ -58,6 +58,23 @@ def time_ms(
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
 
 
+def forward_backward(fwd: Callable, leaves: Sequence[torch.Tensor], make_grad: Callable = torch.randn_like):
+    """A callable running ``fwd()`` and its backward (incoming gradient made once, by make_grad on the first
+    output), then clearing the leaves' gradients: one training-style call of an op, to time or profile."""
+    dy = None
+
+    def run():
+        nonlocal dy
+        out = fwd()
+        if dy is None:
+            dy = make_grad(out)
+        out.backward(dy)
+        for t in leaves:
+            t.grad = None
+
+    return run
+
+
 def copies_for_rotation(nbytes_per_set: int, l2_bytes: int | None = None) -> int:
     """How many input sets to rotate through so that one pass over them exceeds the L2 cache (at least 2)."""
     if l2_bytes is None:
