@@ -1,0 +1,27 @@
+"""benchmarks/host_overhead.py, the host-time diagnostic that runs without a GPU: it leans on Triton internals (the
+active driver, the autotuner's timing hook, the compiled kernel's launcher), so a Triton upgrade that moves them
+must fail here rather than leave the tool broken. Runs in a subprocess: the test session's TRITON_INTERPRET=1
+would replace the compiled launch path the tool measures."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_measures_an_op_through_the_compiled_launch_path():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--only", "add_layer_norm,attention"],
+        capture_output=True, text=True, env=env, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    rows = {
+        m[1]: (float(m[2]), float(m[3]))
+        for m in re.finditer(r"^(\S+)\s+fwd\s+([\d.]+)\s+fwd\+bwd\s+([\d.]+)", out, re.M)
+    }
+    assert set(rows) == {"add_layer_norm", "attention"}, out
+    for fwd, fwd_bwd in rows.values():
+        assert 0 < fwd < fwd_bwd, out  # a backward adds host work; zero would mean nothing ran
