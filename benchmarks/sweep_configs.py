@@ -92,7 +92,7 @@ def sweep_attention() -> None:
 
     from fastbert.kernels import attention as at
 
-    kern = at._attention_fwd_kernel.fn
+    kern = at._attention_fwd_kernel
     B, H, D = 32, 12, 64
     cands = [
         (bm, bn, w, s)
@@ -132,7 +132,7 @@ def sweep_attention() -> None:
                 return kern[grid](
                     q, k, v, o, lse, mask, cu, *at._strides(q), *at._strides(k), *at._strides(v),
                     *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked),
-                    *_dropout_args(at, 0.1 if drop else 0.0), 512, BLOCK_M=bm, BLOCK_N=bn,
+                    *_dropout_args(at, 0.1 if drop else 0.0), BLOCK_M=bm, BLOCK_N=bn,
                     BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns)  # fmt: skip
 
             try:
@@ -150,7 +150,7 @@ def sweep_attention_bwd() -> None:
     after the forward and the preprocess kernel made lse and delta."""
     from fastbert.kernels import attention as at
 
-    dkdv, dq = at._attention_bwd_dkdv_kernel.fn, at._attention_bwd_dq_kernel.fn
+    dkdv, dq = at._attention_bwd_dkdv_kernel, at._attention_bwd_dq_kernel
     B, H, D = 32, 12, 64
     dkdv_cands = ((32, 128, 8, 2), (32, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 3))
     dq_cands = ((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3))

@@ -46,6 +46,7 @@ otherwise cost registers when unused).
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -74,7 +75,8 @@ DROPOUT_BITS = tl.constexpr(16)
 # ----------------------------------------------------------------------------------------------- tuning
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, dtypes, block_d values) a config applies to. BLOCK_M is the query
 # block, BLOCK_N the key block, in all three kernels. Kept short: every entry is compiled by the gate for each
-# dtype and head-dim block it applies to.
+# dtype and head-dim block it applies to, and each (dtype, head-dim block, dropout) call matches exactly one
+# entry of each table (_meta; tests/test_launch_spec.py checks).
 _HALF = ("fp16", "bf16")
 # An optional 7th field limits an entry to calls with (True) or without (False) dropout: the forward's Philox
 # state costs registers, and the larger tiles spill with it (the compile gate showed it). With dropout the loops
@@ -125,14 +127,6 @@ def _dtype_name(t: torch.Tensor) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[t.dtype]
 
 
-def _configs(table) -> list[triton.Config]:
-    if interpreting():
-        bm, bn, nw, ns = _INTERPRETER_CONFIG
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)]
-    unique = dict.fromkeys(entry[:4] for entry in table)
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in unique]
-
-
 def _applicable(table, dtype: str, block_d: int, dropout: bool) -> list[tuple[int, int, int, int]]:
     return [
         entry[:4]
@@ -141,30 +135,17 @@ def _applicable(table, dtype: str, block_d: int, dropout: bool) -> list[tuple[in
     ]
 
 
-def _pruner(table):
-    def prune(configs, named_args, **kwargs):
-        if interpreting():
-            return configs
-
-        def arg(name):
-            return kwargs.get(name, named_args.get(name))
-
-        keep = set(_applicable(table, _dtype_name(named_args["q_ptr"]), arg("BLOCK_D"), bool(arg("HAS_DROPOUT"))))
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
-
-    return prune
-
-
-# The autotuner caches its choice per key (plus the tensors' dtypes, which Triton adds itself), so the key must
-# name every argument the pruning reads: without HAS_DROPOUT, a dropout launch after an inference launch of the
-# same length reused the inference config (one the compile gate never compiles with dropout, and larger tiles
-# spill with it).
-_TUNE_KEY = ["seq_bucket", "BLOCK_D", "HAS_DROPOUT"]
-
-
-def seq_bucket(max_seqlen: int) -> int:
-    """Autotuning key of the sequence length: powers of two up to 1024, so variable shapes do not retune forever."""
-    return min(next_power_of_2(max(1, max_seqlen)), 1024)
+@functools.cache
+def _meta(table, dtype: str, block_d: int, dropout: bool, interpreter: bool) -> dict:
+    """A kernel's launch meta-parameters: the table's entry for this dtype, head-dim block and dropout (exactly
+    one each, which the compile gate compiles), or the interpreter's small tile. Looked up directly rather than
+    through triton.autotune, whose per-launch bookkeeping doubled the host cost of these launches for what
+    is a table lookup (benchmarks/host_overhead.py)."""
+    if interpreter:
+        bm, bn, nw, ns = _INTERPRETER_CONFIG
+    else:
+        ((bm, bn, nw, ns),) = _applicable(table, dtype, block_d, dropout)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
 
 
 # Runtime flags and sizes stay runtime (not constexpr) so that one compilation serves masked, varlen and dropout
@@ -172,7 +153,7 @@ def seq_bucket(max_seqlen: int) -> int:
 # divisible by 16 (variants the compile gate would not see). What stays specialised: the pointers, the
 # q/k/v/out strides and head_dim, which are always 16-byte aligned / multiples of 16 (fresh allocations,
 # _aligned, HEAD_DIMS), so every launch compiles to the variant the gate checks, with vectorised loads.
-_RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "seq_bucket", "stride_bias_b",
+_RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "stride_bias_b",
                  "dropout_threshold", "seed"]  # fmt: skip
 
 
@@ -275,8 +256,6 @@ def _fwd_blocks(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _pruner(_FWD_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_fwd_kernel(
     q_ptr,  # [B, H, Sq, D] (padded) or [total, H, D] (varlen: stride_qb = 0), any strides
@@ -301,7 +280,6 @@ def _attention_fwd_kernel(
     dropout_threshold,
     dropout_scale,  # 1 / (1 - p)
     seed,
-    seq_bucket,  # autotuning key only
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -442,8 +420,6 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,  # like the forward's q, k, v, o
@@ -461,7 +437,6 @@ def _attention_bwd_dkdv_kernel(
     sm_scale,  # scale (dk = dsᵀ q · scale)
     qk_scale,  # scale · log2(e)
     is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
-    seq_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -551,8 +526,6 @@ def _dq_blocks(
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_CONFIGS), key=_TUNE_KEY,
-                 prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS)})  # fmt: skip
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr,
@@ -568,7 +541,6 @@ def _attention_bwd_dq_kernel(
     seq_q, seq_k, heads, head_dim,
     sm_scale, qk_scale,
     is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
-    seq_bucket,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -703,9 +675,12 @@ class _Layout:
         self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
 
+    def meta(self, table, q: torch.Tensor, dropout_p: float) -> dict:
+        return _meta(table, _dtype_name(q), self.block_d, dropout_p > 0.0, interpreting())
+
     def flags(self, dropout_p: float, seed: int) -> tuple:
         return (int(self.varlen), int(self.has_mask), dropout_threshold(dropout_p, DROPOUT_BITS.value),
-                1.0 / (1.0 - dropout_p), philox_seed(seed), seq_bucket(self.max_q))  # fmt: skip
+                1.0 / (1.0 - dropout_p), philox_seed(seed))  # fmt: skip
 
 
 # Columns of the key bias come in whole blocks of this many, at least the largest BLOCK_N of any config, so that
@@ -750,12 +725,12 @@ def attention_fwd(
     lse = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse
-    grid = lambda meta: (cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
-    _attention_fwd_kernel[grid](
+    meta = lay.meta(_FWD_CONFIGS, q, dropout_p)
+    _attention_fwd_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
         q, k, v, out, lse, lay.bias, lay.cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed),
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
     )  # fmt: skip
     return out, lse
 
@@ -794,19 +769,19 @@ def attention_bwd(
     flags = lay.flags(dropout_p, seed)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     max_k = lay.max_q if lay.varlen else lay.seq_k
-    grid_k = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)  # noqa: E731
-    _attention_bwd_dkdv_kernel[grid_k](
+    meta = lay.meta(_DKDV_CONFIGS, q, dropout_p)
+    _attention_bwd_dkdv_kernel[(cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)](
         q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
         *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
     )  # fmt: skip
-    grid_q = lambda meta: (cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)  # noqa: E731
-    _attention_bwd_dq_kernel[grid_q](
+    meta = lay.meta(_DQ_CONFIGS, q, dropout_p)
+    _attention_bwd_dq_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
         q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
         *common, *_strides(dq), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -848,7 +823,7 @@ def _divisible(sig: str) -> tuple[str, ...]:
 
 
 _STRIDES = "stride_{0}b:a stride_{0}h:a stride_{0}{1}:a stride_{0}d:1"
-_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed:l seq_bucket:i"
+_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed:l"
 _FWD_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))
@@ -897,9 +872,9 @@ def gate_cases() -> list[GateCase]:
                 d_tag = f"d{block_d}" if even_d else f"d{block_d}masked"
                 for (kind, fn, table, sig), drop in itertools.product(
                     (
-                        ("fwd", _attention_fwd_kernel.fn, _FWD_CONFIGS, _FWD_SIG),
-                        ("dkdv", _attention_bwd_dkdv_kernel.fn, _DKDV_CONFIGS, _DKDV_SIG),
-                        ("dq", _attention_bwd_dq_kernel.fn, _DQ_CONFIGS, _DQ_SIG),
+                        ("fwd", _attention_fwd_kernel, _FWD_CONFIGS, _FWD_SIG),
+                        ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_SIG),
+                        ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, _DQ_SIG),
                     ),
                     (False, True),
                 ):
