@@ -3,7 +3,9 @@ F.scaled_dot_product_attention (default dispatch, and each backend forced with t
 where it accepts the inputs) vs eager softmax(q kᵀ) v, forward and forward+backward, on one GPU.
 
 batch 32 x 12 heads x head_dim 64, seq in {128, 256, 512, 1024}; lengths all full, or uniform in [seq/4, seq]
-(seeded). FLOPs count real tokens only (what a padding-free kernel has to do):
+(seeded). fastbert-varlen runs on tokens packed once outside the timed region (the drop-in packs once per model
+forward, for all layers); fastbert-varlen+pack packs and unpacks inside every call. FLOPs count real tokens
+only (what a padding-free kernel has to do):
   forward           4 · H · D · Σ len²        (q kᵀ and p v, 2 FLOPs per multiply-add)
   forward+backward  2.5 x forward             (backward: 5 matmuls of the same size vs 2)
 TFLOP/s = FLOPs / time. Padded providers are charged the same real-token FLOPs: padding is their overhead.
@@ -49,6 +51,26 @@ def sdpa(backend=None):
     return fn
 
 
+class Packed:
+    """A provider that runs on packed tokens: q, k, v, dout are unpadded once, outside the timed region, as the
+    drop-in does once per model forward for all its layers; the result is padded back only for the check."""
+
+    def __init__(self, q, k, v, do, mask):
+        from fastbert.ops import attention_varlen, unpad
+
+        S = q.shape[2]
+        m = mask if mask is not None else torch.ones(q.shape[0], S, dtype=torch.bool, device=q.device)
+        (self.q, self.idx, cu, mx), (self.k, *_), (self.v, *_), (self.do, *_) = (
+            unpad(t.transpose(1, 2), m) for t in (q, k, v, do))  # fmt: skip
+        self.batch, self.seq = q.shape[0], S
+        self.fn = lambda q, k, v, mask: attention_varlen(q, k, v, cu, mx)
+
+    def padded(self, out):
+        from fastbert.ops import pad
+
+        return pad(out, self.idx, self.batch, self.seq).transpose(1, 2)
+
+
 def providers(masked: bool) -> dict:
     from torch.nn.attention import SDPBackend
 
@@ -57,15 +79,17 @@ def providers(masked: bool) -> dict:
     def fastbert(q, k, v, mask):
         return attention(q, k, v, mask)
 
-    def fastbert_varlen(q, k, v, mask):
-        # unpad / pad included: what a model pays to go packed around one attention call is measured separately
-        # in bench_bert; here the packing is done once per call, as a single layer would.
+    def fastbert_varlen_pack(q, k, v, mask):
+        # unpad and pad inside every call (three unpads, each syncing once for its max_seqlen): what a single
+        # attention layer on a padded batch would pay to go packed. The model packs once for all its layers.
         S = q.shape[2]
         m = mask if mask is not None else torch.ones(q.shape[0], S, dtype=torch.bool, device=q.device)
         (qp, idx, cu, mx), (kp, *_), (vp, *_) = (unpad(t.transpose(1, 2), m) for t in (q, k, v))
         return pad(attention_varlen(qp, kp, vp, cu, mx), idx, q.shape[0], S).transpose(1, 2)
 
-    out = {"fastbert": fastbert, "fastbert-varlen": fastbert_varlen, "sdpa": sdpa(), "eager": eager}
+    # "fastbert-varlen" (the Packed class) is the kernel on pre-packed tokens.
+    out = {"fastbert": fastbert, "fastbert-varlen": Packed, "fastbert-varlen+pack": fastbert_varlen_pack,
+           "sdpa": sdpa(), "eager": eager}  # fmt: skip
     # Flash rejects an explicit mask; the others accept one.
     backends = {"sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
                 "sdpa-math": SDPBackend.MATH}  # fmt: skip
@@ -100,8 +124,12 @@ def main() -> None:
             ref = eager(q.double(), k.double(), v.double(), m_arg) * real
             eager_out = eager(q, k, v, m_arg) * real
             for name, fn in providers(m_arg is not None).items():
+                args, d_out, padded = (q, k, v), do, lambda o: o
+                if fn is Packed:
+                    packed = Packed(q, k, v, do, mask)
+                    fn, args, d_out, padded = packed.fn, (packed.q, packed.k, packed.v), packed.do, packed.padded
                 try:
-                    out = fn(q, k, v, m_arg)
+                    out = padded(fn(*args, m_arg))
                 except RuntimeError as e:  # a forced SDPA backend that does not take these inputs
                     print(f"seq {seq:5d} {lengths_kind:6s} {name:16s} skipped: {str(e).splitlines()[0][:80]}")
                     continue
@@ -109,12 +137,12 @@ def main() -> None:
                 for mode in ("fwd", "fwd+bwd"):
                     if mode == "fwd":
                         with torch.no_grad():
-                            t = harness.time_ms(lambda fn=fn, a=(q, k, v, m_arg): fn(*a))
+                            t = harness.time_ms(lambda fn=fn, a=(*args, m_arg): fn(*a))
                         mode_flops = flops
                     else:
-                        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                        leaves = [t.detach().requires_grad_() for t in args]
 
-                        def step(fn=fn, leaves=leaves, m_arg=m_arg, do=do):
+                        def step(fn=fn, leaves=leaves, m_arg=m_arg, do=d_out):
                             fn(*leaves, m_arg).backward(do)
 
                         t = harness.time_ms(step, grad_to_none=leaves)
