@@ -16,6 +16,25 @@ import torch
 from torch import nn
 
 from fastbert import ops
+from fastbert.ops._linear_gelu import linear_gelu_with_preact, linear_of_gelu
+
+
+def tag_preact(y: torch.Tensor, preact: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """y (a linear_gelu result), carrying the pre-activation that linear_gelu's backward saves (when there is
+    one) and y's version, for linear_after_gelu. Returns y."""
+    if preact is not None:
+        y._fastbert_preact = (preact, y._version, approximate)
+    return y
+
+
+def linear_after_gelu(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
+    """``linear(y)``. When y came tagged from tag_preact, unchanged since, and the Linear has no hooks: through
+    ops' linear_of_gelu, so that autograd keeps the pre-activation linear_gelu saves anyway instead of y as well
+    (one [tokens, intermediate] activation less per BERT layer in training)."""
+    preact = None if torch.compiler.is_compiling() else getattr(y, "_fastbert_preact", None)
+    if preact is None or preact[1] != y._version or linear._forward_hooks or linear._forward_pre_hooks:
+        return linear(y)
+    return linear_of_gelu(y, preact[0], linear.weight, linear.bias, approximate=preact[2])
 
 
 class FusedAddLayerNorm(nn.LayerNorm):
@@ -52,7 +71,8 @@ class FusedAddLayerNorm(nn.LayerNorm):
 
 class FusedLinearGELU(nn.Linear):
     """``gelu(linear(x))`` in one GEMM with a fused epilogue; ``approximate`` "none" (exact erf, BERT's "gelu") or
-    "tanh" ("gelu_new", "gelu_pytorch_tanh"). Same parameters and state_dict as nn.Linear."""
+    "tanh" ("gelu_new", "gelu_pytorch_tanh"). Same parameters and state_dict as nn.Linear. In training its result
+    carries the pre-activation (tag_preact) for a following linear_after_gelu (as in FusedFeedForward)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
                  device=None, dtype=None):  # fmt: skip
@@ -70,7 +90,8 @@ class FusedLinearGELU(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear_gelu(x, self.weight, self.bias, approximate=self.approximate)
+        y, h = linear_gelu_with_preact(x, self.weight, self.bias, approximate=self.approximate)
+        return tag_preact(y, h, self.approximate)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, approximate={self.approximate!r}"
@@ -112,7 +133,9 @@ class FusedSelfAttention(nn.Module):
 
 class FusedFeedForward(nn.Module):
     """BERT's feed-forward block (BertIntermediate + BertOutput): ``LN(dropout(W2 · gelu(W1 x + b1) + b2) + x)``
-    with the GELU fused into the first GEMM and dropout + residual + LayerNorm fused after the second.
+    with the GELU fused into the first GEMM and dropout + residual + LayerNorm fused after the second. In
+    training the second GEMM's backward recomputes gelu(h) from the pre-activation h the first one saves, so
+    the [tokens, intermediate] GELU output is not kept as well.
     Submodules ``intermediate`` (FusedLinearGELU), ``output`` (nn.Linear) and ``norm`` (FusedAddLayerNorm)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, eps: float = 1e-12, dropout: float = 0.0,
@@ -134,4 +157,4 @@ class FusedFeedForward(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.output(self.intermediate(x)), x)
+        return self.norm(linear_after_gelu(self.output, self.intermediate(x)), x)

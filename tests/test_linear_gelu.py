@@ -215,6 +215,115 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastbert.linear_gelu_fwd.default, (x.detach(), w, b, "none", False))
 
 
+# ----------------------------------------------------------------------------------------------- linear_of_gelu
+def ffn_fused(x, w1, b1, w2, b2, approximate="none"):
+    """W2 · gelu(W1 x + b1) + b2 through linear_gelu_with_preact + linear_of_gelu (the drop-in's FFN path)."""
+    from fastbert.ops._linear_gelu import linear_gelu_with_preact, linear_of_gelu
+
+    y, h = linear_gelu_with_preact(x, w1, b1, approximate=approximate)
+    return linear_of_gelu(y, h, w2, b2, approximate=approximate)
+
+
+def ffn_eager(x, w1, b1, w2, b2, approximate="none"):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m_shape", [(7,), (2, 65)], ids=["m7", "b2-s65"])
+def test_linear_of_gelu_matches_reference(m_shape, dtype, approximate):
+    """The feed-forward chain whose second Linear saves the pre-activation and recomputes gelu(h) in its
+    backward: output and all five gradients against float64, by the project's rule."""
+    x, w1, b1, _ = make_inputs(m_shape, 24, 40, dtype, seed=1)
+    _, w2, b2, dy = make_inputs(m_shape, 40, 16, dtype, seed=2)
+    inputs = (x, w1, b1, w2, b2)
+    fused = lambda *t: ffn_fused(*t, approximate=approximate)
+    eager = lambda *t: ffn_eager(*t, approximate=approximate)
+    out, grads = run(fused, inputs, dy)
+    ref_out, ref_grads = run(eager, [t.double() for t in inputs], dy.double())
+    eager_out, eager_grads = run(eager, inputs, dy)
+    assert_matches_reference(out, ref_out, eager_out, name="out")
+    for name, g, rg, eg in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, ref_grads, eager_grads, strict=True):
+        assert g.dtype == dtype, name
+        assert_matches_reference(g, rg, eg, name=name)
+
+
+def saved_storages(fn, *args) -> tuple[torch.Tensor, set[int]]:
+    """fn(*args) and the data pointers of every tensor autograd saved for its backward."""
+    ptrs = set()
+
+    def pack(t):
+        ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, ptrs
+
+
+def test_linear_of_gelu_keeps_the_preactivation_not_the_gelu_output():
+    from fastbert.ops._linear_gelu import linear_gelu_with_preact, linear_of_gelu
+
+    x, w1, b1, _ = make_inputs((9,), 16, 32, torch.float32)
+    _, w2, b2, _ = make_inputs((9,), 32, 16, torch.float32, seed=1)
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    found = {}
+
+    def chain(x, w1, b1, w2, b2):
+        y, h = linear_gelu_with_preact(x, w1, b1)
+        found.update(y=y, h=h)
+        return linear_of_gelu(y, h, w2, b2)
+
+    _, saved = saved_storages(chain, *leaves)
+    assert found["h"] is not None and found["h"].shape == (9, 32)
+    assert found["h"].untyped_storage().data_ptr() in saved
+    assert found["y"].untyped_storage().data_ptr() not in saved
+    # the same chain with a plain Linear keeps y too (what the drop-in avoids)
+    plain = []
+    _, saved = saved_storages(lambda *t: F.linear(plain.append(linear_gelu(*t[:3])) or plain[0], *t[3:]), *leaves)
+    assert plain[0].untyped_storage().data_ptr() in saved
+    y = found["y"]
+    with torch.no_grad():  # nothing to save: no pre-activation, and linear_of_gelu is a plain Linear
+        assert linear_gelu_with_preact(x, w1, b1)[1] is None
+        torch.testing.assert_close(linear_of_gelu(y, None, w2, b2), F.linear(y, w2, b2))
+
+
+def test_linear_of_gelu_autocast_follows_eager():
+    # fp16 autocast (bf16 is wrong in the interpreter): the second Linear runs in fp16 like F.linear's, and the
+    # gradients come back through the casts in fp32.
+    x, w1, b1, _ = make_inputs((7,), 24, 40, torch.float32, seed=3)
+    _, w2, b2, dy = make_inputs((7,), 40, 16, torch.float32, seed=4)
+    inputs = (x, w1, b1, w2, b2)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, grads = run(ffn_fused, inputs, dy.half())
+        eager_out, eager_grads = run(ffn_eager, inputs, dy.half())
+    assert out.dtype == torch.float16 == eager_out.dtype
+    ref_out, ref_grads = run(ffn_eager, [t.half().double() for t in inputs], dy.half().double())
+    assert_matches_reference(out, ref_out, eager_out, name="out")
+    for name, g, rg, eg in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, ref_grads, eager_grads, strict=True):
+        assert g.dtype == torch.float32 == eg.dtype, name
+        err, eager_err = (g - rg).abs().max().item(), (eg - rg).abs().max().item()
+        assert err <= 2 * eager_err + 2.0**-10 * max(1.0, rg.abs().max().item()), name
+
+
+def test_linear_after_gelu_falls_back_when_y_changed_or_hooked():
+    from fastbert import modules
+
+    torch.manual_seed(0)
+    ffn = modules.FusedFeedForward(16, 32).to(DEVICE)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    y = ffn.intermediate(x)
+    assert getattr(y, "_fastbert_preact", None) is not None
+    y.mul_(2.0)  # changed in place after the pre-activation was taken: gelu(h) is no longer y
+    out = modules.linear_after_gelu(ffn.output, y)
+    (g,) = torch.autograd.grad(out.sum(), ffn.output.weight)
+    torch.testing.assert_close(g, out.new_ones(out.shape).t() @ y.detach())
+    calls = []
+    ffn.output.register_forward_hook(lambda *a: calls.append(1))
+    ffn(x).sum().backward()
+    assert calls == [1]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -100,6 +100,34 @@ def test_training_dropout_runs_and_is_seeded():
         assert torch.isfinite(fast(input_ids=ids, attention_mask=mask).logits).all()
 
 
+def test_training_saves_the_preactivation_not_the_gelu_output():
+    """In training, each BertOutput's dense keeps the pre-activation BertIntermediate's backward saves anyway,
+    not the GELU output: autograd keeps exactly one [tokens, intermediate] activation per layer less than with
+    a plain Linear (forced here by a forward hook, which makes linear_after_gelu step aside)."""
+    cfg = bert_config()
+    _, fast = pair(transformers.BertForMaskedLM, cfg)
+    fast.train()
+    ids, mask = batch()
+
+    def saved_bytes() -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fast(input_ids=ids, attention_mask=mask).logits.sum()
+        return sum(storages.values())
+
+    lean = saved_bytes()
+    for layer in fast.bert.encoder.layer:
+        layer.output.dense.register_forward_hook(lambda *a: None)
+    plain = saved_bytes()
+    tokens = int(mask.sum())  # the encoder runs on packed tokens
+    assert plain - lean == cfg.num_hidden_layers * tokens * cfg.intermediate_size * 4
+
+
 @pytest.mark.parametrize(
     "cls",
     ["BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",

@@ -120,6 +120,15 @@ def linear_gelu(
     inputs are cast to the autocast dtype and so is the result. Returns [..., out_features] in x's dtype (the
     autocast dtype under autocast). CPU tensors run the eager reference unless TRITON_INTERPRET=1.
     """
+    return linear_gelu_with_preact(x, weight, bias, approximate=approximate)[0]
+
+
+def linear_gelu_with_preact(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, approximate: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """linear_gelu, plus the pre-activation ``h = x @ weight.T + bias`` [rows, out_features] (contiguous,
+    detached) that its backward saves, when the call records a gradient through the fused kernel; None
+    otherwise (inference, the eager reference, torch.compile tracing). For linear_of_gelu."""
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     _validate(x, weight, bias, approximate, autocast)
     if autocast:
@@ -129,8 +138,8 @@ def linear_gelu(
     if not use_triton(x):
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
-                return reference.linear_gelu(x, weight, bias, approximate=approximate)
-        return reference.linear_gelu(x, weight, bias, approximate=approximate)
+                return reference.linear_gelu(x, weight, bias, approximate=approximate), None
+        return reference.linear_gelu(x, weight, bias, approximate=approximate), None
 
     n, k = weight.shape
     x2 = rows_view(x, k)
@@ -139,5 +148,63 @@ def linear_gelu(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )  # fmt: skip
-    y, _ = call(_fwd, _eager, x2, weight, bias, approximate, needs_grad)
-    return y.view(*x.shape[:-1], n)
+    y, h = call(_fwd, _eager, x2, weight, bias, approximate, needs_grad)
+    preact = h.detach() if needs_grad and not torch.compiler.is_compiling() else None
+    return y.view(*x.shape[:-1], n), preact
+
+
+# ----------------------------------------------------------------------------------------------- linear_of_gelu
+class _LinearOfGelu(torch.autograd.Function):
+    """F.linear(y, weight, bias) for y = gelu(h), saving h instead of y: the backward recomputes y from h."""
+
+    @staticmethod
+    def forward(ctx, y, h, weight, bias, approximate):
+        ctx.save_for_backward(h, weight)
+        ctx.approximate, ctx.has_bias, ctx.y_shape = approximate, bias is not None, y.shape
+        return F.linear(y, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, weight = ctx.saved_tensors
+        d2 = dout.reshape(-1, weight.shape[0])
+        dy = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dy = (d2 @ weight).view(ctx.y_shape)
+        if ctx.needs_input_grad[2]:
+            # eager GELU of the saved (rounded) pre-activation: the y eager PyTorch's Linear would have saved
+            dweight = d2.t() @ F.gelu(h, approximate=ctx.approximate)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            dbias = d2.sum(0)
+        return dy, None, dweight, dbias, None
+
+
+def linear_of_gelu(
+    y: torch.Tensor,
+    preact: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """``F.linear(y, weight, bias)`` where y (and preact) came from linear_gelu_with_preact, e.g. BertOutput's
+    dense after BertIntermediate. Autograd then keeps only the pre-activation, which linear_gelu's backward saves
+    anyway, instead of also keeping y (as big: [rows, intermediate]); the backward recomputes y = gelu(h) (one
+    elementwise pass), as eager PyTorch's GELU would have computed it from h. With preact None, or one that does
+    not match y, it is plain F.linear. Autocast as F.linear."""
+    usable = (
+        preact is not None
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and y.shape[-1] == preact.shape[-1]
+        and y.numel() == preact.numel()
+        and y.device == preact.device
+    )
+    if not usable:
+        return F.linear(y, weight, bias)
+    if torch.is_autocast_enabled(y.device.type):
+        dtype = _autocast_dtype(y.device.type)
+        y, weight = y.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if preact.dtype != y.dtype or weight.dtype != y.dtype or (bias is not None and bias.dtype != y.dtype):
+        return F.linear(y, weight, bias)
+    return _LinearOfGelu.apply(y, preact, weight, bias, approximate)
