@@ -15,8 +15,12 @@ Backward, with x̂ = (s - mean) · rstd and g = weight · dy:
     dresidual = ds,   dx = ds · keep / (1 - p)
     dweight   = Σ_rows dy · x̂,   dbias = Σ_rows dy
 
-The backward recomputes s from x and residual (and the dropout mask from the seed) instead of storing it: the
-same bytes over forward + backward as storing s, less memory, and nothing extra written at inference.
+The backward recomputes s from x and residual (and the dropout mask from the seed) instead of storing it when
+both have one dtype: in a model x is then kept only for this backward and residual is kept anyway (it is the
+next Linear's saved input), so storing s would take as much memory and an extra write. Under autocast x is half
+and residual the fp32 residual stream, which nothing else keeps (the Linears keep their half casts): there the
+training forward also writes s in fp32 (STORE_SUM) and the backward reads it alone (SAVED_SUM), 4 bytes an
+element kept instead of 6, and exactly the s that the forward normalised.
 dweight / dbias are reduced deterministically: each persistent program sums its rows into its own fp32 row of a
 partial buffer, and the launcher sums the partials (no atomics).
 
@@ -110,6 +114,7 @@ def _add_layer_norm_fwd_kernel(
     y_ptr,  # [M, N] out, dtype of residual
     mean_ptr,  # [M] out, fp32
     rstd_ptr,  # [M] out, fp32
+    s_ptr,  # [M, N] out (contiguous), dtype of residual: s, written iff STORE_SUM
     stride_x_row,
     stride_residual_row,
     stride_y_row,
@@ -122,6 +127,7 @@ def _add_layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    STORE_SUM: tl.constexpr,  # write s for the backward (autocast training, see the module docstring)
     ALIGNED: tl.constexpr,  # N and the row strides are multiples of 16
 ):
     N = _multiple_of_16(N, ALIGNED)
@@ -141,6 +147,8 @@ def _add_layer_norm_fwd_kernel(
         keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
         x = tl.where(keep, x * dropout_scale, 0.0)
     s = x + r.to(tl.float32)
+    if STORE_SUM:
+        tl.store(s_ptr + rows64[:, None] * N + cols[None, :], s.to(s_ptr.dtype.element_ty), mask=mask)
 
     # Correctly rounded divisions (Triton's fp32 `/` is approximate): with a near-zero variance rstd is huge
     # and magnifies any error in a mean; at N = 1 an approximate mean gave dx != 0 on a GPU.
@@ -160,8 +168,9 @@ def _add_layer_norm_fwd_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _add_layer_norm_bwd_kernel(
     dy_ptr,  # [M, N] incoming gradient
-    x_ptr,  # [M, N] saved input
-    residual_ptr,  # [M, N] saved residual
+    x_ptr,  # [M, N] saved input; not read with SAVED_SUM
+    residual_ptr,  # [M, N] saved residual; not read with SAVED_SUM
+    s_ptr,  # [M, N] (contiguous) s saved by the forward; read iff SAVED_SUM
     weight_ptr,  # [N]
     mean_ptr,  # [M] fp32
     rstd_ptr,  # [M] fp32
@@ -182,6 +191,7 @@ def _add_layer_norm_bwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PARAM_GRADS: tl.constexpr,  # accumulate dweight / dbias partials (rows up to MAX_HIDDEN_DROPOUT wide)
+    SAVED_SUM: tl.constexpr,  # read s from s_ptr instead of recomputing it from x and residual
     ALIGNED: tl.constexpr,  # N and the row strides are multiples of 16
 ):
     N = _multiple_of_16(N, ALIGNED)
@@ -201,14 +211,21 @@ def _add_layer_norm_bwd_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
 
-        x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
-            x = tl.where(keep, x * dropout_scale, 0.0)
+        if SAVED_SUM:
+            s = tl.load(s_ptr + rows64[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+        else:
+            x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+                x = tl.where(keep, x * dropout_scale, 0.0)
+            s = x + r.to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x + r.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
 
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0)
         dy = dy.to(tl.float32)
@@ -271,25 +288,28 @@ def add_layer_norm_fwd(
     eps: float,
     dropout_p: float = 0.0,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    store_sum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x, residual: [M, N] with unit column stride (their dtypes may differ: each is read as it is and the sum is
-    fp32). Returns (y [M, N] contiguous in residual's dtype, mean [M] fp32, rstd [M] fp32)."""
+    fp32). Returns (y [M, N] contiguous in residual's dtype, mean [M] fp32, rstd [M] fp32, s): s = dropout(x) +
+    residual [M, N] contiguous in residual's dtype with store_sum (for add_layer_norm_bwd), else None."""
     M, N = x.shape
     y = empty((M, N), device=x.device, dtype=residual.dtype)
     mean = empty((M,), device=x.device, dtype=torch.float32)
     rstd = empty((M,), device=x.device, dtype=torch.float32)
+    s = empty((M, N), device=x.device, dtype=residual.dtype) if store_sum else None
     if M == 0:
-        return y, mean, rstd
+        return y, mean, rstd, s
     block_m, block_n, num_warps = fwd_config(N)
     x, residual, weight, bias = (aligned_base(t) for t in (x, residual, weight, bias))
     _add_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
-        x, residual, weight, bias, y, mean, rstd,
+        x, residual, weight, bias, y, mean, rstd, y if s is None else s,
         x.stride(0), residual.stride(0), y.stride(0),
         M, N, eps, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0, ALIGNED=_is_aligned(N, x, residual),
-        num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0, STORE_SUM=store_sum,
+        ALIGNED=_is_aligned(N, x, residual), num_warps=num_warps,
     )  # fmt: skip
-    return y, mean, rstd
+    return y, mean, rstd, s
 
 
 def add_layer_norm_bwd(
@@ -301,11 +321,13 @@ def add_layer_norm_bwd(
     rstd: torch.Tensor,
     dropout_p: float = 0.0,
     seed: int = 0,
+    s: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of add_layer_norm_fwd. Returns (dx, dresidual, dweight, dbias); dx is None when there is no
-    dropout, because then it equals dresidual (up to dtype). dx has x's dtype, dresidual residual's, dweight and
-    dbias weight's."""
-    M, N = x.shape
+    """Gradients of add_layer_norm_fwd. With s (the forward's store_sum result) the kernel reads s alone, and x
+    and residual only give the dtypes (they may be empty). Returns (dx, dresidual, dweight, dbias); dx is None
+    when there is no dropout, because then it equals dresidual (up to dtype). dx has x's dtype, dresidual
+    residual's, dweight and dbias weight's."""
+    M, N = (x if s is None else s).shape
     has_dropout = dropout_p > 0.0
     dresidual = empty((M, N), device=x.device, dtype=residual.dtype)
     dx = empty((M, N), device=x.device, dtype=x.dtype) if has_dropout else None
@@ -316,18 +338,27 @@ def add_layer_norm_bwd(
     param_grads = N <= MAX_HIDDEN_DROPOUT
     dw_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
     db_partial = empty((programs if param_grads else 1, N), device=x.device, dtype=torch.float32)
-    dy, x, residual, weight = (aligned_base(t) for t in (dy, x, residual, weight))
+    if s is None:
+        dy, x, residual, weight = (aligned_base(t) for t in (dy, x, residual, weight))
+        aligned = _is_aligned(N, dy, x, residual)
+    else:
+        # x and residual are not read: only their dtypes matter (the gate's), so empty tensors stand in for them
+        x, residual = (empty((0,), device=t.device, dtype=t.dtype) for t in (x, residual))
+        dy, s, weight = (aligned_base(t) for t in (dy, s, weight))
+        aligned = _is_aligned(N, dy, s)
+    # Without dropout dx is not written; x stands in for it, so that the pointer keeps x's dtype (the gate's).
     _add_layer_norm_bwd_kernel[(programs,)](
-        dy, x, residual, weight, mean, rstd,
-        dresidual, dx if has_dropout else dresidual, dw_partial, db_partial,
-        dy.stride(0), x.stride(0), residual.stride(0),
+        dy, x, residual, residual if s is None else s, weight, mean, rstd,
+        dresidual, dx if has_dropout else x, dw_partial, db_partial,
+        dy.stride(0), N if s is not None else x.stride(0), N if s is not None else residual.stride(0),
         M, N, tiles_per_program, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout, PARAM_GRADS=param_grads,
-        ALIGNED=_is_aligned(N, dy, x, residual), num_warps=num_warps,
+        SAVED_SUM=s is not None, ALIGNED=aligned, num_warps=num_warps,
     )  # fmt: skip
     if not param_grads:
         # Wide rows (see MAX_HIDDEN_DROPOUT): x̂ recomputed and reduced by PyTorch, in fp32, deterministically.
-        xhat = (x.float() + residual.float() - mean[:, None]) * rstd[:, None]
+        s32 = x.float() + residual.float() if s is None else s.float()
+        xhat = (s32 - mean[:, None]) * rstd[:, None]
         dw_partial, db_partial = (dy.float() * xhat).sum(0, keepdim=True), dy.float().sum(0, keepdim=True)
     dweight = dw_partial.sum(0).to(weight.dtype)
     dbias = db_partial.sum(0).to(weight.dtype)
@@ -364,38 +395,49 @@ GATE_DTYPE_STANDIN = {"*fp16": "*bf16"}
 _VECTOR_LOADS_FROM = 512
 
 
+def _widening(xt: str, rt: str) -> bool:
+    """Whether the residual's dtype is wider than x's (autocast's half x and fp32 residual): then the training
+    forward stores s and the backward reads it (STORE_SUM / SAVED_SUM, see the module docstring)."""
+    return xt != "fp32" and rt == "fp32"
+
+
 def gate_cases() -> list[GateCase]:
     """Every compilation the launchers above may request: each block size up to MAX_HIDDEN, dtypes, dropout,
-    ALIGNED or not. Every pointer is 16-byte aligned (see the launchers); no integer is specialised."""
+    ALIGNED or not, and for the widening dtype combination s stored or not. Every pointer is 16-byte aligned
+    (see the launchers); no integer is specialised."""
     cases = []
     block_n = _MIN_BLOCK_N
     while block_n <= MAX_HIDDEN:
         for (xt, rt, wt), aligned in itertools.product(DTYPE_COMBOS, (True, False)):
-            for drop in (False, True) if block_n <= MAX_HIDDEN_DROPOUT else (False,):
-                tag = f"n{block_n}-{xt}-{rt}-{wt}-drop{int(drop)}{'' if aligned else '-unaligned'}"
+            drops = (False, True) if block_n <= MAX_HIDDEN_DROPOUT else (False,)
+            sums = (False, True) if _widening(xt, rt) else (False,)
+            for drop, with_sum in itertools.product(drops, sums):
+                tag = (f"n{block_n}-{xt}-{rt}-{wt}-drop{int(drop)}{'-sum' if with_sum else ''}"
+                       f"{'' if aligned else '-unaligned'}")  # fmt: skip
                 bm, bn, nw = fwd_config(block_n)
                 cases.append(GateCase(
                     f"add_layer_norm_fwd-{tag}", _add_layer_norm_fwd_kernel,
                     {"x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}", "bias_ptr": f"*{wt}",
-                     "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x_row": "i32",
-                     "stride_residual_row": "i32", "stride_y_row": "i32", "M": "i32", "N": "i32", "eps": "fp32",
-                     "dropout_threshold": "i32", "dropout_scale": "fp32", "seed": "i64", "BLOCK_M": "constexpr",
-                     "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr", "ALIGNED": "constexpr"},
-                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "ALIGNED": aligned}, nw,
-                    vector_loads=aligned and block_n >= _VECTOR_LOADS_FROM,
+                     "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "s_ptr": f"*{rt}",
+                     "stride_x_row": "i32", "stride_residual_row": "i32", "stride_y_row": "i32", "M": "i32",
+                     "N": "i32", "eps": "fp32", "dropout_threshold": "i32", "dropout_scale": "fp32", "seed": "i64",
+                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
+                     "STORE_SUM": "constexpr", "ALIGNED": "constexpr"},
+                    {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "STORE_SUM": with_sum, "ALIGNED": aligned},
+                    nw, vector_loads=aligned and block_n >= _VECTOR_LOADS_FROM,
                 ))  # fmt: skip
                 bm, bn, nw = bwd_config(block_n)
                 cases.append(GateCase(
                     f"add_layer_norm_bwd-{tag}", _add_layer_norm_bwd_kernel,
-                    {"dy_ptr": f"*{rt}", "x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}",
-                     "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dresidual_ptr": f"*{rt}", "dx_ptr": f"*{xt}",
-                     "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32", "stride_dy_row": "i32",
-                     "stride_x_row": "i32", "stride_residual_row": "i32", "M": "i32", "N": "i32",
-                     "tiles_per_program": "i32", "dropout_threshold": "i32", "dropout_scale": "fp32", "seed": "i64",
-                     "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
-                     "PARAM_GRADS": "constexpr", "ALIGNED": "constexpr"},
+                    {"dy_ptr": f"*{rt}", "x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "s_ptr": f"*{rt}",
+                     "weight_ptr": f"*{wt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dresidual_ptr": f"*{rt}",
+                     "dx_ptr": f"*{xt}", "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32",
+                     "stride_dy_row": "i32", "stride_x_row": "i32", "stride_residual_row": "i32", "M": "i32",
+                     "N": "i32", "tiles_per_program": "i32", "dropout_threshold": "i32", "dropout_scale": "fp32",
+                     "seed": "i64", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
+                     "PARAM_GRADS": "constexpr", "SAVED_SUM": "constexpr", "ALIGNED": "constexpr"},
                     {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "PARAM_GRADS": bn <= MAX_HIDDEN_DROPOUT,
-                     "ALIGNED": aligned}, nw,
+                     "SAVED_SUM": with_sum, "ALIGNED": aligned}, nw,
                     vector_loads=aligned and block_n >= _VECTOR_LOADS_FROM,
                 ))  # fmt: skip
         block_n *= 2

@@ -3,7 +3,6 @@ interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), dropout with the kern
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -136,20 +135,55 @@ def test_dropout_wide_rows_fall_back_to_torch_dropout():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_autocast_follows_pytorch_layer_norm():
+@pytest.mark.parametrize("shape, p", [((5, 64), 0.0), ((3, 100), 0.3), ((65, 384), 0.3), ((2, 8192), 0.0)],
+                         ids=["5x64", "3x100-drop", "65x384-drop", "2x8192"])  # fmt: skip
+def test_autocast_follows_pytorch_layer_norm(shape, p):
     # Under autocast a Linear hands a half x to an fp32 residual stream; eager computes the add and the
-    # LayerNorm in fp32. fp16 autocast on CPU keeps the interpreter away from bf16.
-    x, _, _, _, _ = make_inputs((5, 64), torch.float16)
-    _, r, w, b, dy = make_inputs((5, 64), torch.float32, seed=1)
+    # LayerNorm in fp32. fp16 autocast on CPU keeps the interpreter away from bf16. The training forward stores
+    # s in fp32 and the backward reads it (unaligned rows, dropout and the widest rows included).
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    x, _, _, _, _ = make_inputs(shape, torch.float16)
+    _, r, w, b, dy = make_inputs(shape, torch.float32, seed=1)
+    keep = None
+    if p:
+        torch.manual_seed(1234)
+        keep = dropout_keep_mask(int(draw_seed().item()), *shape, p, DEVICE)
+        torch.manual_seed(1234)
+    eager_fn = lambda *t: reference.add_layer_norm(*t, dropout_p=p, keep=keep)  # noqa: E731
     with torch.autocast(DEVICE.type, dtype=torch.float16):
-        out, grads = run(lambda *t: ops.add_layer_norm(*t), (x, r, w, b), dy)
-        eager_out, eager_grads = run(lambda *t: F.layer_norm(t[0] + t[1], (64,), t[2], t[3], 1e-12), (x, r, w, b), dy)
+        out, grads = run(lambda *t: ops.add_layer_norm(*t, dropout_p=p), (x, r, w, b), dy)
+        eager_out, eager_grads = run(eager_fn, (x, r, w, b), dy)
     assert out.dtype == torch.float32 and eager_out.dtype == torch.float32
-    ref_out, ref_grads = run(lambda *t: reference.add_layer_norm(*t), [t.double() for t in (x, r, w, b)], dy.double())
+    ref_out, ref_grads = run(eager_fn, [t.double() for t in (x, r, w, b)], dy.double())
     assert_matches_reference(out, ref_out, name="y")
     assert grads[0].dtype == torch.float16
     for name, g, rg, eg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, eager_grads, strict=True):
         assert_matches_reference(g, rg, eg if g.dtype != torch.float32 else None, name=name)
+
+
+def test_autocast_training_keeps_the_sum_not_x_and_residual():
+    """Autocast's half x and fp32 residual: autograd keeps s (fp32, [M, N]) and neither input; with one dtype
+    throughout it keeps x and residual (residual is the next Linear's saved input anyway) and stores no s."""
+    x, _, _, _, _ = make_inputs((6, 64), torch.float16)
+    _, r, w, b, _ = make_inputs((6, 64), torch.float32, seed=1)
+    x, r = x.requires_grad_(), r.requires_grad_()
+
+    def saved(fn):
+        found = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: found.append(t) or t, lambda t: t):
+            fn()
+        return [t for t in found if t.dim() == 2]
+
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        (s,) = saved(lambda: ops.add_layer_norm(x, r, w, b, dropout_p=0.1))
+    assert s.dtype == torch.float32 and s.shape == (6, 64)
+    assert s.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (x, r)}
+    x32 = x.detach().float().requires_grad_()
+    assert {t.untyped_storage().data_ptr() for t in saved(lambda: ops.add_layer_norm(x32, r, w, b))} == {
+        x32.untyped_storage().data_ptr(), r.untyped_storage().data_ptr()}  # fmt: skip
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        torch.testing.assert_close(ops.add_layer_norm(x, r, w, b), reference.add_layer_norm(x.float(), r, w, b))
 
 
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
@@ -204,9 +238,12 @@ def test_bad_input_raises_value_error(case, message):
 def test_opcheck():
     x, r, w, b, _ = make_inputs((3, 48), torch.float32)
     x.requires_grad_()
-    args = (x, r, w, b, 1e-12, 0.0, torch.zeros(1, dtype=torch.int64))
+    args = (x, r, w, b, 1e-12, 0.0, torch.zeros(1, dtype=torch.int64), False)
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
-    args = (x, r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64))
+    args = (x, r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64), False)
+    torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
+    # autocast's mix: half x, fp32 residual, the sum stored for the backward
+    args = (x.detach().half().requires_grad_(), r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64), True)
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
 
 

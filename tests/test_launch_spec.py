@@ -226,7 +226,8 @@ def test_add_layer_norm_launches_are_gated(dtype, hidden, rows):
 
 
 def test_add_layer_norm_odd_layouts_are_gated():
-    """Row-strided views (a slice of a wider tensor), an unaligned base, and autocast's fp32 residual stream."""
+    """Row-strided views (a slice of a wider tensor), an unaligned base, and autocast's fp32 residual stream
+    (training, with the sum stored, with and without dropout; inference)."""
     wide = _rand(9, 2 * 768, dtype=torch.bfloat16)
     x = wide[1:, 3 : 3 + 768].requires_grad_()  # unaligned base, row stride 1536
     residual = _rand(8, 768, dtype=torch.float32).requires_grad_()
@@ -234,9 +235,12 @@ def test_add_layer_norm_odd_layouts_are_gated():
     with captured_launches() as launches:
         y = ops.add_layer_norm(x.float(), residual, weight, bias)
         y.backward(torch.randn_like(y))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = ops.add_layer_norm(x, residual, weight, bias, dropout_p=0.1)
-        y.backward(torch.randn_like(y))
+        for p in (0.0, 0.1):  # autocast training: s stored and read back
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = ops.add_layer_norm(x, residual, weight, bias, dropout_p=p)
+            y.backward(torch.randn_like(y))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ops.add_layer_norm(x, residual, weight, bias)
         odd = _rand(8, 1000, dtype=torch.bfloat16)[:, : 16 * 30]  # N % 16 == 0, row stride 1000
         ops.add_layer_norm(odd, odd, weight[:480].bfloat16(), bias[:480].bfloat16())
     assert_covered(launches)

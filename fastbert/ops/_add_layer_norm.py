@@ -39,24 +39,29 @@ def _fwd_impl(
     eps: float,
     dropout_p: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, int(seed.item()))
+    store_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd, s = _kernels().add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, int(seed.item()),
+                                                     store_sum)  # fmt: skip
+    # Without store_sum a 1-D empty s says so (a custom op returns tensors, not None); a stored s is 2-D.
+    return y, mean, rstd, (residual.new_empty((0,)) if s is None else s)
 
 
 _fwd = torch.library.custom_op("fastbert::add_layer_norm_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed):
+def _(x, residual, weight, bias, eps, dropout_p, seed, store_sum):
     M, N = x.shape
     return (residual.new_empty((M, N)), x.new_empty((M,), dtype=torch.float32),
-            x.new_empty((M,), dtype=torch.float32))  # fmt: skip
+            x.new_empty((M,), dtype=torch.float32), residual.new_empty((M, N) if store_sum else (0,)))  # fmt: skip
 
 
 def _bwd_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     residual: torch.Tensor,
+    s: torch.Tensor,
     weight: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
@@ -65,8 +70,9 @@ def _bwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # The incoming gradient may have any strides (even an expanded one): the kernel needs unit column stride.
     dy = rows_view(dy, dy.shape[-1])
+    # A 2-D s is the forward's stored sum: x and residual are then empty and give only the dtypes.
     dx, dresidual, dweight, dbias = _kernels().add_layer_norm_bwd(
-        dy, x, residual, weight, mean, rstd, dropout_p, int(seed.item())
+        dy, x, residual, weight, mean, rstd, dropout_p, int(seed.item()), s if s.dim() == 2 else None
     )
     # Without dropout dx equals dresidual: the kernel writes it once, and an empty dx says so (a custom op may
     # not return one tensor twice).
@@ -77,27 +83,35 @@ _bwd = torch.library.custom_op("fastbert::add_layer_norm_bwd", _bwd_impl, mutate
 
 
 @_bwd.register_fake
-def _(dy, x, residual, weight, mean, rstd, dropout_p, seed):
-    dx = torch.empty_like(x) if dropout_p > 0.0 else x.new_empty((0,))
-    return dx, torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
+def _(dy, x, residual, s, weight, mean, rstd, dropout_p, seed):
+    shape = s.shape if s.dim() == 2 else x.shape
+    dx = x.new_empty(shape) if dropout_p > 0.0 else x.new_empty((0,))
+    return dx, residual.new_empty(shape), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, dropout_p, seed = inputs
-    # mean and rstd are outputs only so they can be saved; the public op never returns them, and their incoming
-    # gradients are ignored (not marked non-differentiable: AOTAutograd would then disagree with eager).
-    _, mean, rstd = output
-    ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
+    x, residual, weight, bias, eps, dropout_p, seed, store_sum = inputs
+    # mean, rstd and s are outputs only so they can be saved; the public op never returns them, and their
+    # incoming gradients are ignored (not marked non-differentiable: AOTAutograd would then disagree with eager).
+    _, mean, rstd, s = output
+    if s.dim() == 2:
+        # the stored sum replaces x and residual (kernels/add_layer_norm.py: STORE_SUM)
+        ctx.save_for_backward(None, None, s, weight, mean, rstd, seed)
+        ctx.x_dtype = x.dtype
+    else:
+        ctx.save_for_backward(x, residual, s, weight, mean, rstd, seed)
     ctx.dropout_p = dropout_p
 
 
 def _backward_with(bwd):
-    def backward(ctx, dy, _dmean, _drstd):
-        x, residual, weight, mean, rstd, seed = ctx.saved_tensors
-        dx, dresidual, dweight, dbias = bwd(dy, x, residual, weight, mean, rstd, ctx.dropout_p, seed)
+    def backward(ctx, dy, _dmean, _drstd, _ds):
+        x, residual, s, weight, mean, rstd, seed = ctx.saved_tensors
+        if x is None:
+            x, residual = s.new_empty((0,), dtype=ctx.x_dtype), s.new_empty((0,))
+        dx, dresidual, dweight, dbias = bwd(dy, x, residual, s, weight, mean, rstd, ctx.dropout_p, seed)
         if ctx.dropout_p == 0.0:
             dx = dresidual.to(x.dtype)
-        return dx, dresidual, dweight, dbias, None, None, None
+        return dx, dresidual, dweight, dbias, None, None, None, None
 
     return backward
 
@@ -162,5 +176,12 @@ def add_layer_norm(
         # Documented fallback: the fused backward would spill with the mask live at this width.
         x2, dropout_p = F.dropout(x2, dropout_p), 0.0
     seed = draw_seed() if dropout_p > 0.0 else NO_SEED
-    y, _, _ = call(_fwd, _eager, x2, r2, weight, bias, float(eps), dropout_p, seed)
+    # Autocast's half x and fp32 residual: in training the forward also stores s = dropout(x) + residual, which
+    # the backward reads instead of keeping both (less memory: see kernels/add_layer_norm.py).
+    store_sum = (
+        r2.element_size() > x2.element_size()
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (x, residual, weight, bias))
+    )
+    y, _, _, _ = call(_fwd, _eager, x2, r2, weight, bias, float(eps), dropout_p, seed, store_sum)
     return y.view(residual.shape)
