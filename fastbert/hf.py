@@ -6,6 +6,10 @@ How it plugs in (transformers 5.x):
   "fastbert", together with a matching AttentionMaskInterface function (without it transformers silently hands
   custom attention no padding mask). The mask function returns the [batch, seq] key-padding mask, or None when
   nothing is padded. The model's config then names "fastbert" as its attention implementation.
+- Self-attention projections: BertSelfAttention (and its RoBERTa twins) run query / key / value as one GEMM over
+  the concatenated weights (modules.fused_qkv: one cast of the input under autocast, one saved copy of it, one
+  GEMM per gradient), then call the attention function directly; transformers' forward runs whenever that does
+  not apply (a cache, another attention implementation, projections that are not plain Linears, e.g. LoRA).
 - Residual + LayerNorm (BertSelfOutput, BertOutput and the RoBERTa twins): their forward becomes
   ``ops.add_layer_norm(dense(h), residual, ...)`` (dropout inside the kernel in training).
 - BertIntermediate with a GELU activation: ``ops.linear_gelu``. In training it hands the pre-activation h it
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from fastbert import ops
-from fastbert.modules import linear_after_gelu, tag_preact
+from fastbert.modules import fused_qkv, linear_after_gelu, tag_preact
 from fastbert.ops._linear_gelu import linear_gelu_with_preact
 
 ATTN_NAME = "fastbert"
@@ -132,6 +136,51 @@ def register() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- module forwards
+def _self_attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
+    """BertSelfAttention's forward with the query / key / value projections as one GEMM (modules.fused_qkv) and
+    fastbert's attention; transformers' own forward for everything else (a cache, another attention
+    implementation chosen since, projections that are not plain Linears)."""
+    qkv = None
+    if (
+        not args
+        and kwargs.get("cache") is None
+        and kwargs.get("past_key_values") is None
+        and self.config._attn_implementation == ATTN_NAME
+    ):
+        qkv = fused_qkv(self.query, self.key, self.value, hidden_states)
+    if qkv is None:
+        return super(type(self), self).forward(hidden_states, attention_mask, *args, **kwargs)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.attention_head_size)
+    # as transformers lays them out: [batch, heads, seq, head_dim] views (packed: [tokens, head_dim, heads])
+    q, k, v = (t.view(*hidden_shape).transpose(1, 2) for t in qkv)
+    for key in ("cache", "past_key_values"):
+        kwargs.pop(key, None)
+    out, weights = attention_forward(self, q, k, v, attention_mask, dropout=self.dropout.p if self.training else 0.0,
+                                     scaling=self.scaling, **kwargs)  # fmt: skip
+    return out.reshape(*input_shape, -1).contiguous(), weights
+
+
+def _fused_qkv_applies(cls: type) -> bool:
+    """Whether this transformers version's self-attention forward is the one _self_attention_forward stands in
+    for: (hidden_states, attention_mask, cache or past_key_values, **kwargs), returning (output, weights), with
+    query / key / value Linears and the attention-function registry (transformers 5)."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls.forward).parameters
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError, ValueError):
+        return False
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return (
+        names[:3] == ["self", "hidden_states", "attention_mask"]
+        and set(names[3:]) <= {"cache", "past_key_values"}
+        and any(p.kind == p.VAR_KEYWORD for p in params.values())
+        and "ALL_ATTENTION_FUNCTIONS" in source
+    )
+
+
 def _add_ln_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
     ln = self.LayerNorm
     p = self.dropout.p if self.training else 0.0
@@ -269,6 +318,15 @@ def optimize(model: nn.Module) -> nn.Module:
         for c in configs.values():
             c._attn_implementation = ATTN_NAME
         summary.accelerated["self-attention (fused, padding mask / varlen)"] = len(attn_modules)
+        fusable = [m for m in attn_modules if _fused_qkv_applies(type(m))]
+        for module in fusable:
+            _swap(module, _self_attention_forward, "attention")
+        if fusable:
+            summary.accelerated["query / key / value projections (one GEMM)"] = len(fusable)
+        if len(fusable) < len(attn_modules):
+            summary.skipped["query / key / value projections"] = (
+                "this transformers version's self-attention forward is not the one fastbert knows"
+            )
     else:
         summary.skipped["self-attention"] = blocker
 

@@ -13,10 +13,31 @@ classmethods that share (never copy) the parameters, so state_dict keys and valu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from fastbert import ops
 from fastbert.ops._linear_gelu import linear_gelu_with_preact, linear_of_gelu
+
+
+def fused_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``(query(x), key(x), value(x))`` by one GEMM over the three weights concatenated (on every call, so the
+    parameters stay the modules' own): three [..., out] views of one [..., 3 · out] result. Under autocast x is
+    then cast once, and autograd keeps one half copy of it instead of three; the backward runs one GEMM per
+    gradient instead of three and sums nothing. None (the caller runs the modules as they are) unless all three
+    are plain nn.Linear of one shape and dtype without hooks: a LoRA-wrapped, quantised or hooked projection must
+    run as itself."""
+    lins = (query, key, value)
+    if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in lins):
+        return None
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return None
+    if len({(m.weight.shape, m.weight.dtype, m.weight.device, m.bias is None) for m in lins}) != 1:
+        return None
+    weight = torch.cat([m.weight for m in lins])
+    bias = None if query.bias is None else torch.cat([m.bias for m in lins])
+    return F.linear(x, weight, bias).split(query.out_features, dim=-1)
 
 
 def tag_preact(y: torch.Tensor, preact: torch.Tensor | None, approximate: str) -> torch.Tensor:
@@ -124,8 +145,9 @@ class FusedSelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = hidden.shape
-        q, k, v = (lin(hidden).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))  # fmt: skip
+        lins = (self.query, self.key, self.value)
+        qkv = fused_qkv(*lins, hidden) or [lin(hidden) for lin in lins]  # one GEMM when the three are plain Linears
+        q, k, v = (t.view(B, S, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv)
         p = self.dropout if self.training else 0.0
         out = ops.attention(q, k, v, attention_mask, dropout_p=p)  # [B, H, S, D] view of [B, S, H, D] storage
         return out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
