@@ -7,9 +7,10 @@ How it plugs in (transformers 5.x):
   custom attention no padding mask). The mask function returns the [batch, seq] key-padding mask, or None when
   nothing is padded. The model's config then names "fastbert" as its attention implementation.
 - Self-attention projections: in training BertSelfAttention (and its RoBERTa twins) run query / key / value as
-  one GEMM over the concatenated weights (modules.fused_qkv: one cast of the input under autocast, one saved copy of it, one
-  GEMM per gradient), then call the attention function directly; transformers' forward runs whenever that does
-  not apply (a cache, another attention implementation, projections that are not plain Linears, e.g. LoRA).
+  one GEMM over the concatenated weights (modules.fused_qkv: one cast of the input under autocast, one saved
+  copy of it, one GEMM per gradient), then call the attention function directly; transformers' forward runs
+  whenever that does not apply (a cache, another attention implementation, projections that are not plain
+  Linears, e.g. LoRA).
 - Residual + LayerNorm (BertSelfOutput, BertOutput and the RoBERTa twins): their forward becomes
   ``ops.add_layer_norm(dense(h), residual, ...)`` (dropout inside the kernel in training).
 - BertIntermediate with a GELU activation: ``ops.linear_gelu``. In training it hands the pre-activation h it

@@ -735,6 +735,14 @@ def attention_fwd(
     return out, lse
 
 
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like t: [B, H, S, D] as a view of [B, S, H, D] storage (padded), else contiguous."""
+    if t.dim() == 4:
+        B, H, S, D = t.shape
+        return empty((B, S, H, D), device=t.device, dtype=t.dtype).transpose(1, 2)
+    return empty(t.shape, device=t.device, dtype=t.dtype)
+
+
 def attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -750,14 +758,14 @@ def attention_bwd(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of attention_fwd (same arguments, plus do like out and the saved out and lse). Returns
-    (dq, dk, dv), contiguous, in the inputs' shapes and dtype."""
+    (dq, dk, dv) in the inputs' shapes and dtype; padded, each is a [B, H, S, D] view of [B, S, H, D] storage,
+    as the forward's out (transformers' projections are [B, S, H·D]: their gradients are then views, not
+    copies); varlen, contiguous."""
     do, q, k, v, out = _aligned(do), _aligned(q), _aligned(k), _aligned(v), _aligned(out)
     _check_offsets(do, q, k, v, out)
     lay = _Layout(q, k, cu_seqlens, max_seqlen, bias)
     scale = lay.head_dim**-0.5 if scale is None else scale
-    dq = empty(q.shape, device=q.device, dtype=q.dtype)
-    dk = empty(k.shape, device=q.device, dtype=k.dtype)
-    dv = empty(v.shape, device=q.device, dtype=v.dtype)
+    dq, dk, dv = (_token_major(t) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lay.lse_shape, device=q.device, dtype=torch.float32)

@@ -113,6 +113,10 @@ def test_output_layout_makes_merge_free():
     out = attention(q, k, v)
     assert out.transpose(1, 2).is_contiguous()
     assert out.transpose(1, 2).reshape(2, 17, 64).data_ptr() == out.data_ptr()
+    # the gradients have the same [B, S, H, D] storage: back through transformers' transpose and view for free
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grads = torch.autograd.grad(attention(q, k, v, random_mask(2, 17, seed=2)).sum(), (q, k, v))
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -93,11 +93,10 @@ _bwd = torch.library.custom_op("fastbert::attention_bwd", _bwd_impl, mutates_arg
 
 @_bwd.register_fake
 def _(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-    )
+    # as the kernels' launcher allocates them: padded [B, H, S, D] views of [B, S, H, D] storage, like out
+    if cu_seqlens is None:
+        return _empty_out(q), _empty_out(k), _empty_out(v)
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
