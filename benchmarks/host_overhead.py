@@ -6,8 +6,13 @@ fastbert at small batches and in training (an H100 session measured ~300 us of h
 BERT-base training step); what it leaves out is the driver's launch (~5-10 us) and the allocator's CUDA calls.
 
     python benchmarks/host_overhead.py [--profile OP]     # OP: a row name below, e.g. "add_layer_norm"
+    python benchmarks/host_overhead.py --bert [--profile fastbert]
 
-Prints microseconds per call (median of 7 rounds) for the forward (no grad) and forward + backward.
+Prints microseconds per call (median of 7 rounds) for the forward (no grad) and forward + backward. --bert
+times a whole BERT training step's forward + backward instead (12 layers as in BERT-base, but hidden 64 and
+2 x 16 tokens so that the CPU's real work stays small), bf16 autocast, fastbert (kernel launches stubbed) beside
+transformers' SDPA model (real, tiny CPU kernels): the host time a step costs each, which bounds the training
+step on a GPU when it exceeds the kernels' time.
 """
 
 from __future__ import annotations
@@ -77,11 +82,14 @@ class FakeDriver:
 
 
 @contextlib.contextmanager
-def fake_gpu():
-    """Route CPU tensors through the Triton kernels with the stand-in driver."""
+def fake_gpu(zero_outputs: bool = False):
+    """Route CPU tensors through the Triton kernels with the stand-in driver. zero_outputs: kernel outputs are
+    allocated as zeros (the kernels never write them), so that the real CPU work of the ops around them (--bert)
+    does not meet NaNs or denormals and their slow paths; the op rows keep torch.empty, as on a GPU."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
 
+    from fastbert.kernels import add_layer_norm, attention, common, linear_gelu
     from fastbert.ops import _add_layer_norm, _attention, _common, _linear_gelu
 
     mods = (_common, _add_layer_norm, _attention, _linear_gelu)
@@ -89,6 +97,10 @@ def fake_gpu():
     driver.set_active(FakeDriver())
     for m in mods:
         m.use_triton = lambda t: True
+    allocators = (common, add_layer_norm, attention, linear_gelu) if zero_outputs else ()
+    saved_empty = [k.empty for k in allocators]
+    for k in allocators:
+        k.empty = lambda shape, *, device, dtype: torch.zeros(shape, device=device, dtype=dtype)
     # Nothing can be timed: the autotuners keep their first config, linear_gelu its portable kernel.
     Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
     os.environ["FASTBERT_LINEAR_GELU_SM90"] = "0"
@@ -97,6 +109,8 @@ def fake_gpu():
     finally:
         for m, f in zip(mods, saved[0], strict=True):
             m.use_triton = f
+        for k, f in zip(allocators, saved_empty, strict=True):
+            k.empty = f
         driver._active, Autotuner._bench = saved[1], saved[2]
         if saved[3] is None:
             os.environ.pop("FASTBERT_LINEAR_GELU_SM90")
@@ -122,6 +136,34 @@ def cases():
     }
 
 
+def bert_step(provider: str):
+    """A closure running one BertForPreTraining forward + backward (bf16 autocast), and the model."""
+    import transformers
+
+    import fastbert
+
+    cfg = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=12, num_attention_heads=2,
+                                  intermediate_size=256, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForPreTraining(cfg).train()
+    model.set_attn_implementation("sdpa")
+    if provider == "fastbert":
+        fastbert.optimize(model)
+    ids = torch.randint(5, cfg.vocab_size, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0  # one padded sequence: the varlen path, as in a real batch
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    nsp = torch.zeros(2, dtype=torch.long)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=nsp).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
 def per_call_us(fn, n: int = 200, rounds: int = 7) -> float:
     fn()
     times = []
@@ -137,12 +179,29 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--profile", help="cProfile the forward + backward of this row")
     p.add_argument("--only", help="comma list of rows")
+    p.add_argument("--bert", action="store_true", help="a whole BERT training step's host time (see above)")
     args = p.parse_args()
     import triton
 
     from fastbert.benchtools import forward_backward
 
     print(f"torch {torch.__version__}, triton {triton.__version__}; host us per call, launches stubbed")
+    if args.bert:
+        with fake_gpu(zero_outputs=True):
+            for provider in ("sdpa", "fastbert"):
+                step = bert_step(provider)
+                print(f"bert train step {provider:10s} fwd+bwd {per_call_us(step, n=5, rounds=5) / 1e3:8.2f} ms",
+                      flush=True)  # fmt: skip
+                if args.profile == provider:
+                    pr = cProfile.Profile()
+                    pr.enable()
+                    for _ in range(5):
+                        step()
+                    pr.disable()
+                    out = io.StringIO()
+                    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(40)
+                    print(out.getvalue())
+        return
     with fake_gpu():
         for name, (fwd, leaves) in cases().items():
             if args.only and name not in args.only.split(","):

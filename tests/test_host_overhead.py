@@ -25,3 +25,14 @@ def test_measures_an_op_through_the_compiled_launch_path():
     assert set(rows) == {"add_layer_norm", "attention"}, out
     for fwd, fwd_bwd in rows.values():
         assert 0 < fwd < fwd_bwd, out  # a backward adds host work; zero would mean nothing ran
+
+
+def test_measures_a_bert_training_step():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--bert"],
+        capture_output=True, text=True, env=env, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    steps = dict(re.findall(r"^bert train step (\S+)\s+fwd\+bwd\s+([\d.]+) ms", out, re.M))
+    assert set(steps) == {"sdpa", "fastbert"}, out
+    assert all(float(ms) > 0 for ms in steps.values()), out
