@@ -100,6 +100,24 @@ def test_training_dropout_runs_and_is_seeded():
         assert torch.isfinite(fast(input_ids=ids, attention_mask=mask).logits).all()
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing(reentrant):
+    """transformers' gradient checkpointing reruns each layer in the backward (under no_grad first, with the
+    reentrant form): the fused paths that hand tensors between modules (the pre-activation, the packed batch)
+    must still give transformers' gradients."""
+    ref, fast = pair(transformers.BertForMaskedLM, bert_config())
+    ids, mask = batch()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    grads = []
+    for m in (ref, fast):
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_training_saves_the_preactivation_not_the_gelu_output():
     """In training, each BertOutput's dense keeps the pre-activation BertIntermediate's backward saves anyway,
     not the GELU output: autograd keeps exactly one [tokens, intermediate] activation per layer less than with
