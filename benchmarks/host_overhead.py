@@ -164,6 +164,18 @@ def bert_step(provider: str):
     return step
 
 
+def print_profile(fn, calls: int, rows: int) -> None:
+    """cProfile of ``calls`` calls of fn, the top ``rows`` functions by own time."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(rows)
+    print(out.getvalue())
+
+
 def per_call_us(fn, n: int = 200, rounds: int = 7) -> float:
     fn()
     times = []
@@ -193,14 +205,7 @@ def main() -> None:
                 print(f"bert train step {provider:10s} fwd+bwd {per_call_us(step, n=5, rounds=5) / 1e3:8.2f} ms",
                       flush=True)  # fmt: skip
                 if args.profile == provider:
-                    pr = cProfile.Profile()
-                    pr.enable()
-                    for _ in range(5):
-                        step()
-                    pr.disable()
-                    out = io.StringIO()
-                    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(40)
-                    print(out.getvalue())
+                    print_profile(step, 5, 40)
         return
     with fake_gpu():
         for name, (fwd, leaves) in cases().items():
@@ -213,14 +218,7 @@ def main() -> None:
             fb_us = per_call_us(fb, n=20, rounds=3) if "linear_gelu" not in name else float("nan")
             print(f"{name:24s} fwd {f_us:8.1f}   fwd+bwd {fb_us:8.1f}", flush=True)
             if args.profile == name:
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(100):
-                    fb()
-                pr.disable()
-                s = io.StringIO()
-                pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
-                print(s.getvalue())
+                print_profile(fb, 100, 30)
 
 
 if __name__ == "__main__":

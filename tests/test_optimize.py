@@ -100,6 +100,19 @@ def test_training_dropout_runs_and_is_seeded():
         assert torch.isfinite(fast(input_ids=ids, attention_mask=mask).logits).all()
 
 
+def _saved_bytes(model, ids, mask) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, attention_mask=mask).logits.sum()
+    return sum(storages.values())
+
+
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_gradient_checkpointing(reentrant):
     """transformers' gradient checkpointing reruns each layer in the backward (under no_grad first, with the
@@ -126,37 +139,12 @@ def test_training_saves_the_preactivation_not_the_gelu_output():
     _, fast = pair(transformers.BertForMaskedLM, cfg)
     fast.train()
     ids, mask = batch()
-
-    def saved_bytes() -> int:
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fast(input_ids=ids, attention_mask=mask).logits.sum()
-        return sum(storages.values())
-
-    lean = saved_bytes()
+    lean = _saved_bytes(fast, ids, mask)
     for layer in fast.bert.encoder.layer:
         layer.output.dense.register_forward_hook(lambda *a: None)
-    plain = saved_bytes()
+    plain = _saved_bytes(fast, ids, mask)
     tokens = int(mask.sum())  # the encoder runs on packed tokens
     assert plain - lean == cfg.num_hidden_layers * tokens * cfg.intermediate_size * 4
-
-
-def _saved_bytes(model, ids, mask) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of one forward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, attention_mask=mask).logits.sum()
-    return sum(storages.values())
 
 
 def test_fused_qkv_casts_and_keeps_the_input_once_under_autocast():
