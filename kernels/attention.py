@@ -735,9 +735,10 @@ def attention_fwd(
     return out, lse
 
 
-def _token_major(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor like t: [B, H, S, D] as a view of [B, S, H, D] storage (padded), else contiguous."""
-    if t.dim() == 4:
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty gradient for t: a [B, H, S, D] view of [B, S, H, D] storage when t is one (transformers'
+    projections), else contiguous. ops' fake implementation of the backward follows the same rule."""
+    if t.dim() == 4 and t.stride(1) < t.stride(2):
         B, H, S, D = t.shape
         return empty((B, S, H, D), device=t.device, dtype=t.dtype).transpose(1, 2)
     return empty(t.shape, device=t.device, dtype=t.dtype)
@@ -758,14 +759,14 @@ def attention_bwd(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of attention_fwd (same arguments, plus do like out and the saved out and lse). Returns
-    (dq, dk, dv) in the inputs' shapes and dtype; padded, each is a [B, H, S, D] view of [B, S, H, D] storage,
-    as the forward's out (transformers' projections are [B, S, H·D]: their gradients are then views, not
-    copies); varlen, contiguous."""
+    (dq, dk, dv) in the inputs' shapes and dtype, each in its input's layout (_grad_like): for transformers'
+    [B, H, S, D] views of [B, S, H·D] projections, views of [B, S, H, D] storage, which go back through the
+    transpose and view without copies; otherwise contiguous."""
     do, q, k, v, out = _aligned(do), _aligned(q), _aligned(k), _aligned(v), _aligned(out)
     _check_offsets(do, q, k, v, out)
     lay = _Layout(q, k, cu_seqlens, max_seqlen, bias)
     scale = lay.head_dim**-0.5 if scale is None else scale
-    dq, dk, dv = (_token_major(t) for t in (q, k, v))
+    dq, dk, dv = (_grad_like(t) for t in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lay.lse_shape, device=q.device, dtype=torch.float32)

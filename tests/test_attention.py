@@ -113,10 +113,12 @@ def test_output_layout_makes_merge_free():
     out = attention(q, k, v)
     assert out.transpose(1, 2).is_contiguous()
     assert out.transpose(1, 2).reshape(2, 17, 64).data_ptr() == out.data_ptr()
-    # the gradients have the same [B, S, H, D] storage: back through transformers' transpose and view for free
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    grads = torch.autograd.grad(attention(q, k, v, random_mask(2, 17, seed=2)).sum(), (q, k, v))
-    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+    # the gradients of transformers' [B, H, S, D] views of [B, S, H, D] storage have that layout too (back
+    # through its transpose and view without copies); those of contiguous inputs are contiguous
+    for views in (True, False):
+        qkv = [(t.transpose(1, 2).contiguous().transpose(1, 2) if views else t).requires_grad_() for t in (q, k, v)]
+        grads = torch.autograd.grad(attention(*qkv, random_mask(2, 17, seed=2)).sum(), qkv)
+        assert all((g.transpose(1, 2) if views else g).is_contiguous() for g in grads), views
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -337,6 +339,12 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastbert.attention_fwd.default, (q, k, v, bias, None, 0, 0.2, 0.0, zero))
     torch.library.opcheck(torch.ops.fastbert.attention_fwd.default,
                           (q, k, v, None, None, 0, 0.2, 0.25, torch.tensor([5], dtype=torch.int64)))  # fmt: skip
+    # the backward's fake gives each gradient the layout the launcher does (transposed views and contiguous)
+    q = q.detach()
+    out, lse = torch.ops.fastbert.attention_fwd(q, k, v, bias, None, 0, 0.2, 0.0, zero)
+    for qq in (q, q.transpose(1, 2).contiguous().transpose(1, 2)):
+        torch.library.opcheck(torch.ops.fastbert.attention_bwd.default,
+                              (torch.randn_like(out), qq, k, v, out, lse, bias, None, 0, 0.2, 0.0, zero))  # fmt: skip
 
 
 @pytest.mark.gpu

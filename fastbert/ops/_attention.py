@@ -91,12 +91,16 @@ def _bwd_impl(
 _bwd = torch.library.custom_op("fastbert::attention_bwd", _bwd_impl, mutates_args=())
 
 
+def _empty_grad(t: torch.Tensor) -> torch.Tensor:
+    # the layout the kernels' launcher gives each gradient (fastbert.kernels.attention._grad_like)
+    if t.dim() == 4 and t.stride(1) < t.stride(2):
+        return _empty_out(t)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 @_bwd.register_fake
 def _(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed):
-    # as the kernels' launcher allocates them: padded [B, H, S, D] views of [B, S, H, D] storage, like out
-    if cu_seqlens is None:
-        return _empty_out(q), _empty_out(k), _empty_out(v)
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    return _empty_grad(q), _empty_grad(k), _empty_grad(v)
 
 
 def _setup_context(ctx, inputs, output):
