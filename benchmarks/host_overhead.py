@@ -6,7 +6,7 @@ fastbert at small batches and in training (an H100 session measured ~300 us of h
 BERT-base training step); what it leaves out is the driver's launch (~5-10 us) and the allocator's CUDA calls.
 
     python benchmarks/host_overhead.py [--profile OP]     # OP: a row name below, e.g. "add_layer_norm"
-    python benchmarks/host_overhead.py --bert [--profile fastbert]
+    python benchmarks/host_overhead.py --bert [--layers N] [--profile fastbert]
 
 Prints microseconds per call (median of 7 rounds) for the forward (no grad) and forward + backward. --bert
 times a whole BERT training step's forward + backward instead (12 layers as in BERT-base, but hidden 64 and
@@ -136,13 +136,13 @@ def cases():
     }
 
 
-def bert_step(provider: str):
+def bert_step(provider: str, layers: int = 12):
     """A closure running one BertForPreTraining forward + backward (bf16 autocast), and the model."""
     import transformers
 
     import fastbert
 
-    cfg = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=12, num_attention_heads=2,
+    cfg = transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
                                   intermediate_size=256, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.BertForPreTraining(cfg).train()
@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--profile", help="cProfile the forward + backward of this row")
     p.add_argument("--only", help="comma list of rows")
     p.add_argument("--bert", action="store_true", help="a whole BERT training step's host time (see above)")
+    p.add_argument("--layers", type=int, default=12, help="--bert: encoder layers (BERT-base: 12)")
     args = p.parse_args()
     import triton
 
@@ -201,7 +202,7 @@ def main() -> None:
     if args.bert:
         with fake_gpu(zero_outputs=True):
             for provider in ("sdpa", "fastbert"):
-                step = bert_step(provider)
+                step = bert_step(provider, args.layers)
                 print(f"bert train step {provider:10s} fwd+bwd {per_call_us(step, n=5, rounds=5) / 1e3:8.2f} ms",
                       flush=True)  # fmt: skip
                 if args.profile == provider:
