@@ -245,10 +245,12 @@ def test_state_dict_shared_restore_and_idempotent(tmp_path):
     assert model.config._attn_implementation != "fastbert"
 
 
-def test_output_attentions_and_hidden_states_fall_back():
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_output_attentions_and_hidden_states_fall_back(grad):
+    """With a gradient the fused q / k / v GEMM runs too (it hands the eager attention its views)."""
     ref, fast = pair(transformers.BertModel, bert_config())
     ids, mask = batch()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         a = fast(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
         b = ref(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
     assert len(a.attentions) == 2 and a.attentions[0].shape == b.attentions[0].shape
@@ -257,6 +259,13 @@ def test_output_attentions_and_hidden_states_fall_back():
         torch.testing.assert_close(x[valid], y[valid], rtol=1e-4, atol=1e-4)
     for x, y in zip(a.attentions, b.attentions, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    if grad:
+        for out in (a, b):
+            (out.last_hidden_state[valid].sum() + sum(t.sum() for t in out.attentions)).backward()
+        fast_params = dict(fast.named_parameters())
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-3, atol=1e-5,
+                                       msg=lambda msg, n=name: f"{n}: {msg}")  # fmt: skip
 
 
 def test_unfused_activation_and_head_dim_are_reported():
