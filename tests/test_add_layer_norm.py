@@ -101,7 +101,7 @@ def test_dropout_matches_reference_with_kernel_mask(shape, dtype):
 
     p = 0.3
     torch.manual_seed(1234)
-    seed = int(draw_seed().item())
+    seed = int(draw_seed(DEVICE).item())
     keep = dropout_keep_mask(seed, shape[0], shape[1], p, DEVICE)
     check_against_reference(*make_inputs(shape, dtype), dropout_p=p, keep=keep, seed=1234)
 
@@ -148,7 +148,7 @@ def test_autocast_follows_pytorch_layer_norm(shape, p):
     keep = None
     if p:
         torch.manual_seed(1234)
-        keep = dropout_keep_mask(int(draw_seed().item()), *shape, p, DEVICE)
+        keep = dropout_keep_mask(int(draw_seed(DEVICE).item()), *shape, p, DEVICE)
         torch.manual_seed(1234)
     eager_fn = lambda *t: reference.add_layer_norm(*t, dropout_p=p, keep=keep)  # noqa: E731
     with torch.autocast(DEVICE.type, dtype=torch.float16):
@@ -260,7 +260,7 @@ def test_bert_shapes_dropout_gpu(dtype):
     from fastbert.kernels.add_layer_norm import dropout_keep_mask
 
     torch.manual_seed(5)
-    keep = dropout_keep_mask(int(draw_seed().item()), 16384, 768, 0.1, DEVICE)
+    keep = dropout_keep_mask(int(draw_seed(DEVICE).item()), 16384, 768, 0.1, DEVICE)
     check_against_reference(*make_inputs((16384, 768), dtype), dropout_p=0.1, keep=keep, seed=5)
 
 
@@ -280,5 +280,26 @@ def test_property_any_shape(rows, hidden, lead, dropout):
     if dropout:
         torch.manual_seed(11)
         n_rows = rows * (lead[0] if lead else 1)
-        keep = dropout_keep_mask(int(draw_seed().item()), n_rows, hidden, dropout, DEVICE).view(shape)
+        keep = dropout_keep_mask(int(draw_seed(DEVICE).item()), n_rows, hidden, dropout, DEVICE).view(shape)
     check_against_reference(*make_inputs(shape, torch.float32), dropout_p=dropout, keep=keep, seed=11)
+
+
+def test_dropout_refuses_cuda_graph_capture(monkeypatch):
+    """A seed drawn on the host would be baked into a captured CUDA graph (every replay dropping the same
+    elements): drawing one while a CUDA stream captures raises, for every op with dropout (they share draw_seed)."""
+    from fastbert.ops import _common
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        _common.draw_seed(torch.device("cuda"))
+    assert _common.draw_seed(torch.device("cpu")).shape == (1,)  # no capture on the CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_dropout_refuses_cuda_graph_capture_gpu():
+    x, r, w, b, _ = make_inputs((64, 768), torch.float16)
+    ops.add_layer_norm(x, r, w, b, dropout_p=0.1)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"), torch.cuda.graph(graph):
+        ops.add_layer_norm(x, r, w, b, dropout_p=0.1)

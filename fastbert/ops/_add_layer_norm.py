@@ -175,7 +175,7 @@ def add_layer_norm(
     if dropout_p > 0.0 and n > MAX_HIDDEN_DROPOUT:
         # Documented fallback: the fused backward would spill with the mask live at this width.
         x2, dropout_p = F.dropout(x2, dropout_p), 0.0
-    seed = draw_seed() if dropout_p > 0.0 else NO_SEED
+    seed = draw_seed(x.device) if dropout_p > 0.0 else NO_SEED
     # Autocast's half x and fp32 residual: in training the forward also stores s = dropout(x) + residual, which
     # the backward reads instead of keeping both (less memory: see kernels/add_layer_norm.py).
     store_sum = (

@@ -153,8 +153,8 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _seed(dropout_p: float) -> torch.Tensor:
-    return draw_seed() if dropout_p > 0.0 else NO_SEED
+def _seed(dropout_p: float, device: torch.device) -> torch.Tensor:
+    return draw_seed(device) if dropout_p > 0.0 else NO_SEED
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
@@ -210,7 +210,7 @@ def attention(
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=scale)
     # The padding mask as the kernels' fp32 key bias (0 / -inf, whole blocks): made once, shared by the backward.
     bias = None if attention_mask is None else _kernels().key_bias(attention_mask, k.shape[2])
-    out, _ = call(_fwd, _eager, q, k, v, bias, None, 0, scale, dropout_p, _seed(dropout_p))
+    out, _ = call(_fwd, _eager, q, k, v, bias, None, 0, scale, dropout_p, _seed(dropout_p, q.device))
     return out
 
 
@@ -249,7 +249,9 @@ def attention_varlen(
     scale = _scale(q, scale)
     if not use_triton(q):
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p, scale=scale)
-    out, _ = call(_fwd, _eager, q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, _seed(dropout_p))
+    out, _ = call(
+        _fwd, _eager, q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, _seed(dropout_p, q.device)
+    )
     return out
 
 
