@@ -52,3 +52,19 @@ def test_dry_run_writes_results(tmp_path):
 def test_without_cuda_explains_and_exits_cleanly(capsys):
     assert cli.main(["bench", "--quick"]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_quick_batch1_run_leaves_out_only_max_autotune_compile():
+    import argparse
+
+    from fastbert import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for given, expect in ((None, [p for p in bench.INFER_PROVIDERS if p != "torch.compile"]),
+                          ("sdpa,torch.compile,fastbert+cudagraph", ["sdpa", "fastbert+cudagraph"])):  # fmt: skip
+        args = parser.parse_args(["--quick"] + ([] if given is None else ["--providers", given]))
+        one = bench.quick_batch1_args(args)
+        assert (one.batch, one.seq, one.lengths) == ("1", "128", "full")
+        assert one.providers.split(",") == expect
+        assert args.providers == given  # the batch-32 run keeps every provider
