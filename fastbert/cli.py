@@ -100,7 +100,9 @@ def check_attention(device: torch.device, dtype: torch.dtype, big: bool) -> list
 def check_model(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
     """fastbert.optimize on a random-initialised BertModel (BERT-base on GPU, a tiny one in the interpreter) and a
     padded batch of mixed lengths: the optimized model, and transformers' eager model in the same dtype, against
-    the eager model in float64 (hidden states of the real tokens, pooler output)."""
+    the eager model in float64. Inference: hidden states of the real tokens, pooler output. Training (train mode,
+    dropout probabilities 0 so the runs compare): the gradients of a fixed projection of the real tokens' hidden
+    states for the parameters each fused path touches."""
     import copy
 
     try:
@@ -110,31 +112,50 @@ def check_model(device: torch.device, dtype: torch.dtype, big: bool) -> list[dic
         return []
     import fastbert
 
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
     if big:
-        cfg, B, S = transformers.BertConfig(), 8, 512
+        cfg, B, S = transformers.BertConfig(**no_dropout), 8, 512
     else:
         cfg = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+                                      intermediate_size=128, max_position_embeddings=64, **no_dropout)  # fmt: skip
         B, S = 3, 24
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.vocab_size, (B, S), generator=g).to(device)
     lengths = torch.randint(1, S + 1, (B,), generator=g)
     lengths[0], lengths[-1] = S, 1
     mask = (torch.arange(S)[None, :] < lengths[:, None]).long().to(device)
+    proj = torch.randn(cfg.hidden_size, generator=g).to(device)
     torch.manual_seed(0)
     ref = transformers.BertModel(cfg).eval()
     ref.set_attn_implementation("eager")
     eager = copy.deepcopy(ref).to(device, dtype)
     fast = fastbert.optimize(copy.deepcopy(eager))
     ref = ref.to(device, torch.float64)
+    models = (fast, ref, eager)
     with torch.no_grad():
-        outs = [m(input_ids=ids, attention_mask=mask) for m in (fast, ref, eager)]
+        outs = [m(input_ids=ids, attention_mask=mask) for m in models]
     real = mask.bool()
-    hidden = [o.last_hidden_state[real] for o in outs]
-    pooled = [o.pooler_output for o in outs]
     shape = f"{B}x{S} {cfg.num_hidden_layers}L h{cfg.hidden_size}"
-    return [_judge("bert_model", label, *t) | {"shape": shape}
-            for label, t in (("hidden", hidden), ("pooler", pooled))]  # fmt: skip
+    rows = [_judge("bert_model", label, *t) | {"shape": shape}
+            for label, t in (("hidden", [o.last_hidden_state[real] for o in outs]),
+                             ("pooler", [o.pooler_output for o in outs]))]  # fmt: skip
+    last = cfg.num_hidden_layers - 1
+    params = {"d_qkv": "encoder.layer.0.attention.self.query.weight",
+              "d_ffn_in": "encoder.layer.0.intermediate.dense.weight",
+              "d_ffn_out": "encoder.layer.0.output.dense.weight",
+              "d_ln": f"encoder.layer.{last}.output.LayerNorm.weight",
+              "d_embed": "embeddings.word_embeddings.weight"}  # fmt: skip
+    grads = []
+    for m in models:
+        m.train()
+        hidden = m(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+        (hidden * proj.to(hidden.dtype)).sum().backward()
+        named = dict(m.named_parameters())
+        grads.append([named[name].grad for name in params.values()])
+        m.eval()
+    rows += [_judge("bert_model train", label, *(gs[i] for gs in grads)) | {"shape": shape}
+             for i, label in enumerate(params)]  # fmt: skip
+    return rows
 
 
 CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
