@@ -33,13 +33,15 @@ import torch
 
 
 class _Launcher:
-    """Stands in for Triton's CUDA launcher: the launch is a no-op."""
+    """Stands in for Triton's CUDA launcher: the launch is a no-op, counted in ``launches``."""
+
+    launches = 0
 
     def __init__(self, src, metadata):
         pass
 
     def __call__(self, *args, **kwargs):
-        return None
+        _Launcher.launches += 1
 
 
 class _Utils:
@@ -217,7 +219,13 @@ def main() -> None:
             with torch.no_grad():
                 f_us = per_call_us(fwd)
             fb_us = per_call_us(fb, n=20, rounds=3) if "linear_gelu" not in name else float("nan")
-            print(f"{name:24s} fwd {f_us:8.1f}   fwd+bwd {fb_us:8.1f}", flush=True)
+            counts = []
+            for fn in (fwd, fb):  # kernel launches of one call: what the timings cover
+                before = _Launcher.launches
+                with torch.set_grad_enabled(fn is fb):
+                    fn()
+                counts.append(_Launcher.launches - before)
+            print(f"{name:24s} fwd {f_us:8.1f}   fwd+bwd {fb_us:8.1f}   launches {counts[0]} / {counts[1]}", flush=True)
             if args.profile == name:
                 print_profile(fb, 100, 30)
 

@@ -19,12 +19,14 @@ def test_measures_an_op_through_the_compiled_launch_path():
         capture_output=True, text=True, env=env, timeout=600, check=True,
     ).stdout  # fmt: skip
     rows = {
-        m[1]: (float(m[2]), float(m[3]))
-        for m in re.finditer(r"^(\S+)\s+fwd\s+([\d.]+)\s+fwd\+bwd\s+([\d.]+)", out, re.M)
+        m[1]: tuple(float(g) for g in m.groups()[1:])
+        for m in re.finditer(r"^(\S+)\s+fwd\s+([\d.]+)\s+fwd\+bwd\s+([\d.]+)\s+launches (\d+) / (\d+)", out, re.M)
     }
     assert set(rows) == {"add_layer_norm", "attention"}, out
-    for fwd, fwd_bwd in rows.values():
-        assert 0 < fwd < fwd_bwd, out  # a backward adds host work; zero would mean nothing ran
+    for fwd_us, fwd_bwd_us, fwd_launches, fwd_bwd_launches in rows.values():
+        # the kernels really went through Triton's launch path (timings are not compared: CI's machine is busy)
+        assert fwd_us > 0 and fwd_bwd_us > 0, out
+        assert 1 <= fwd_launches < fwd_bwd_launches, out
 
 
 def test_measures_a_bert_training_step():
