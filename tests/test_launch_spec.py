@@ -212,7 +212,9 @@ def test_attention_varlen_launches_are_gated(dropout_p):
 # --------------------------------------------------------------------------------------------- add_layer_norm
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("hidden", [1, 40, 768, 1000, 1024, 4096, 8192])
-@pytest.mark.parametrize("rows", [1, 7, 4096])
+# rows: one, a few, and several row tiles (no integer argument is specialised, so more rows add nothing but
+# seconds of tensor filling in the CPU suite)
+@pytest.mark.parametrize("rows", [1, 7, 130])
 def test_add_layer_norm_launches_are_gated(dtype, hidden, rows):
     x = _rand(rows, hidden, dtype=dtype).requires_grad_()
     residual = _rand(rows, hidden, dtype=dtype).requires_grad_()
