@@ -23,6 +23,16 @@ os.environ["FASTBERT_POISON"] = "1"
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def run_benchmark_script(name: str, *args: str) -> str:
+    """stdout of benchmarks/<name> run in a fresh process without TRITON_INTERPRET (the tools that compile for a
+    GPU or use Triton's compiled launch path; this session's interpreter would replace them). Fails on a non-zero
+    exit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=600,
+                          check=True).stdout  # fmt: skip
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

@@ -2,10 +2,10 @@
 real gate case compiled for sm_90 in a subprocess (the test session runs with TRITON_INTERPRET=1, which replaces
 @triton.jit functions)."""
 
-import os
 import pathlib
-import subprocess
 import sys
+
+from conftest import run_benchmark_script
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -30,11 +30,7 @@ def test_parser_finds_the_backward_branch_and_counts_its_body():
 
 
 def test_reports_a_real_kernel_loop():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sass_loops.py"), "attention_fwd-fp16-d32-drop0", "--top", "60"],
-        capture_output=True, text=True, env=env, timeout=600, check=True,
-    ).stdout  # fmt: skip
+    out = run_benchmark_script("sass_loops.py", "attention_fwd-fp16-d32-drop0", "--top", "60")
     loops = [line for line in out.splitlines() if " loop " in line]
     assert loops, out
     assert all("HGMMA" in line and "MUFU" in line for line in loops), out
