@@ -3,9 +3,9 @@
 # under $OUT (the device tool's result folder; a local folder otherwise). Run from the repository root:
 #
 #   bash benchmarks/gpu_session.sh tests [FILES]  # GPU test suite (bf16, BERT shapes, GPU fine-tune) + GPU facts
-#   bash benchmarks/gpu_session.sh ops        # the three per-op benchmarks, quick shapes
+#   bash benchmarks/gpu_session.sh ops        # the attention, linear_gelu, add_layer_norm benchmarks, quick shapes
 #   bash benchmarks/gpu_session.sh sweeps     # tile-config sweeps (GEMM, attention fwd / bwd, with dropout too)
-#   bash benchmarks/gpu_session.sh bert       # fastbert bench --quick (inference and training step)
+#   bash benchmarks/gpu_session.sh bert       # fastbert bench --quick (inference, training step), the MLM-loss op
 #   bash benchmarks/gpu_session.sh profile    # where the time goes: profile_bert.py, profile_ops.py --cprofile
 #   bash benchmarks/gpu_session.sh audit-ops  # ../shared/gpu_audit.py, one section a call (copied to .audit/
 #   bash benchmarks/gpu_session.sh audit-e2e  #   and carried: see ../shared/GPU.md)
@@ -47,7 +47,9 @@ sweeps)
   timeout 560 python3 benchmarks/sweep_configs.py attention attention_bwd linear_gelu 2>&1 | tee "$OUT/sweep.log"
   ;;
 bert)
-  timeout 580 fastbert bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  # (--quick took ~170 s on an H100 on 2026-11-25, before its batch-1 run lost the max-autotune provider)
+  timeout 400 fastbert bench --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  timeout 170 python3 benchmarks/bench_linear_cross_entropy.py --quick --out "$OUT" 2>&1 | tee "$OUT/ops.log"
   ;;
 audit-ops | audit-e2e | audit-train)
   timeout 580 python3 .audit/gpu_audit.py --out "$OUT" --sections "${1#audit-}" 2>&1 | tee "$OUT/audit.log"

@@ -97,6 +97,31 @@ def check_attention(device: torch.device, dtype: torch.dtype, big: bool) -> list
     return [row | {"shape": f"{B}x{H}x{S}x{D}"} for row in rows]
 
 
+def check_linear_cross_entropy(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
+    """The masked-LM decoder + loss: its logits, and the loss with the gradients of x, weight and bias."""
+    from fastbert import ops, reference
+
+    M, K, V = (4096, 768, 30522) if big else (64, 48, 300)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (2 * torch.randn(V, K, generator=g) / K**0.5).to(device, dtype)
+    b = (0.5 * torch.randn(V, generator=g)).to(device, dtype)
+    labels = torch.randint(0, V, (M,), generator=g)
+    labels[torch.rand(M, generator=g) < 0.5] = -100
+    labels = labels.to(device)
+    shape = f"{M}x{K}->{V}"
+    with torch.no_grad():
+        logits = [f(*t, labels)[0] for f, t in ((ops.linear_cross_entropy, (x, w, b)),
+                  (reference.linear_cross_entropy, (x.double(), w.double(), b.double())),
+                  (reference.linear_cross_entropy, (x, w, b)))]  # fmt: skip
+    rows = [_judge("linear_cross_entropy", "logits", *logits) | {"shape": shape}]
+    fast = lambda x, w, b: ops.linear_cross_entropy(x, w, b, labels)[1]  # noqa: E731
+    ref = lambda x, w, b: reference.linear_cross_entropy(x, w, b, labels)[1]  # noqa: E731
+    rows += [row | {"shape": shape, "tensor": "loss" if row["tensor"] == "out" else row["tensor"]}
+             for row in compare("linear_cross_entropy", fast, ref, [x, w, b], ["dx", "dweight", "dbias"])]  # fmt: skip
+    return rows
+
+
 def check_model(device: torch.device, dtype: torch.dtype, big: bool) -> list[dict]:
     """fastbert.optimize on a random-initialised BertModel (BERT-base on GPU, a tiny one in the interpreter) and a
     padded batch of mixed lengths: the optimized model, and transformers' eager model in the same dtype, against
@@ -162,6 +187,7 @@ CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
     "add_layer_norm": check_add_layer_norm,
     "linear_gelu": check_linear_gelu,
     "attention": check_attention,
+    "linear_cross_entropy": check_linear_cross_entropy,
     "model": check_model,
 }
 
@@ -175,7 +201,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (no CUDA device)"
     dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.float16]
     print(f"fastbert check on {where}")
-    header = f"{'op':18s} {'dtype':9s} {'shape':16s} {'tensor':10s} {'max err':>10s} {'eager err':>10s}  ok"
+    header = f"{'op':20s} {'dtype':9s} {'shape':16s} {'tensor':10s} {'max err':>10s} {'eager err':>10s}  ok"
     print(header)
     print("-" * len(header))
     failures = 0
@@ -185,7 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         for dtype in dtypes:
             for row in check(device, dtype, cuda):
                 failures += not row["ok"]
-                print(f"{row['op']:18s} {str(dtype).removeprefix('torch.'):9s} {row['shape']:16s} {row['tensor']:10s} "
+                print(f"{row['op']:20s} {str(dtype).removeprefix('torch.'):9s} {row['shape']:16s} {row['tensor']:10s} "
                       f"{row['err']:10.3g} {row['eager_err']:10.3g}  {'yes' if row['ok'] else 'NO'}")  # fmt: skip
     print(
         f"{'all checks passed' if not failures else f'{failures} check(s) failed'} "

@@ -18,6 +18,12 @@ How it plugs in (transformers 5.x):
   then saves h instead of y and recomputes y = gelu(h) in the backward: one [tokens, intermediate] activation
   less per layer (about 1.2 GB for BERT-base at 32 x 512 in bf16). Anything in between that replaces or
   modifies y, or a forward hook on that dense layer, makes BertOutput use its Linear as it is.
+- Masked-LM loss (BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM, XLM-R's): when the call has labels,
+  a forward pre-hook on the model takes them out of the call and hands them to the decoder Linear, which then
+  computes logits and loss together (``ops.linear_cross_entropy``: a vocabulary padded for cuBLAS, a loss that
+  keeps no fp32 [tokens, vocab] tensor), and a forward hook puts the loss (plus the next-sentence loss, computed
+  as transformers does) back into the output. If anything between the decoder and the output changed the logits,
+  the hook computes transformers' loss from the output's logits instead.
 - Unpad once: when the batch has padding, the encoder packs the real tokens once before the first layer, every
   layer runs on [tokens, hidden] with ``ops.attention_varlen``, and the padded layout is restored at the end.
   Padding positions of the result are then zeros (transformers computes values nobody should read there).
@@ -32,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
@@ -227,6 +234,127 @@ def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_st
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=ops.pad(packed, indices, B, S))
 
 
+# ----------------------------------------------------------------------------------------------- masked-LM loss
+# Models whose forward computes CrossEntropyLoss()(prediction_scores.view(-1, vocab), labels.view(-1)) from the
+# output embeddings' logits; True where the loss also adds the next-sentence loss (and needs its label).
+_MLM_MODELS = {"BertForPreTraining": True, "BertForMaskedLM": False, "RobertaForMaskedLM": False,
+               "XLMRobertaForMaskedLM": False}  # fmt: skip
+
+
+@dataclasses.dataclass
+class _PendingLoss:
+    """The labels of one call on their way from the model's pre-hook to its decoder, and what came back."""
+
+    labels: torch.Tensor
+    next_sentence_label: torch.Tensor | None
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class _MaskedLMState:
+    decoder: nn.Linear
+    names: list[str]  # the forward's parameters, in order (labels may come positionally)
+    pretraining: bool
+    pending: _PendingLoss | None = None
+
+
+def _mlm_loss_blocker(hf: nn.Module) -> str | None:
+    """Why the fused masked-LM loss cannot stand in for this model's, or None if it can."""
+    import inspect
+
+    pretraining = _MLM_MODELS[type(hf).__name__]
+    try:
+        source = inspect.getsource(type(hf).forward)
+        names = list(inspect.signature(type(hf).forward).parameters)
+    except (OSError, TypeError, ValueError):
+        return "the model's forward cannot be inspected"
+    expected = ["CrossEntropyLoss()", "prediction_scores.view(-1, self.config.vocab_size), labels.view(-1)"]
+    if pretraining:
+        expected += ["masked_lm_loss + next_sentence_loss", "seq_relationship_score.view(-1, 2)"]
+    if not all(e in source for e in expected) or "labels" not in names:
+        return "this transformers version's loss is not the one fastbert knows"
+    decoder = hf.get_output_embeddings()
+    if type(decoder) is not nn.Linear:
+        return f"the decoder is a {type(decoder).__name__}, not a plain nn.Linear"
+    return None
+
+
+def _decoder_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """The masked-LM decoder: F.linear, or, with labels handed over by the model's pre-hook, logits and loss in
+    one (ops.linear_cross_entropy)."""
+    pending = self.__dict__.pop("_fastbert_pending", None)
+    if pending is None or pending.labels.numel() * input.shape[-1] != input.numel():
+        return F.linear(input, self.weight, self.bias)
+    logits, loss = ops.linear_cross_entropy(input, self.weight, self.bias, pending.labels.to(input.device))
+    pending.logits, pending.loss = logits, loss
+    return logits
+
+
+def _mlm_pre_hook(model, args, kwargs):
+    """Forward pre-hook of a masked-LM model: take the labels out of the call (transformers then computes no
+    loss) and hand them to the decoder."""
+    state = model._fastbert_mlm
+    state.pending = None
+    state.decoder.__dict__.pop("_fastbert_pending", None)
+    if torch.compiler.is_compiling():
+        return None
+    bound = dict(zip(state.names[1:], args, strict=False)) | kwargs
+    labels, nsp = bound.get("labels"), bound.get("next_sentence_label")
+    if not isinstance(labels, torch.Tensor) or (state.pretraining and nsp is None):
+        return None  # no loss, or (pretraining without a next-sentence label) none that transformers computes
+    kwargs = bound | {"labels": None}
+    if state.pretraining:
+        kwargs["next_sentence_label"] = None
+    state.pending = _PendingLoss(labels, nsp if state.pretraining else None)
+    state.decoder._fastbert_pending = state.pending
+    return (), kwargs
+
+
+def _mlm_post_hook(model, args, kwargs, output):
+    """Forward hook (also on an exception): put the fused loss into the output, as transformers would have."""
+    state = model._fastbert_mlm
+    pending, state.pending = state.pending, None
+    state.decoder.__dict__.pop("_fastbert_pending", None)
+    if pending is None or output is None:
+        return None
+    as_tuple = isinstance(output, tuple)
+    logits = output[0] if as_tuple else output[next(iter(output.keys()))]
+    loss = pending.loss
+    if loss is None or logits is not pending.logits:
+        # something between the decoder and the output (a hook, another head) replaced the logits: the loss
+        # transformers computes, from what the model returns
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), pending.labels.to(logits.device).reshape(-1))
+    if pending.next_sentence_label is not None:
+        seq_relationship = output[1] if as_tuple else output.seq_relationship_logits
+        loss = loss + F.cross_entropy(seq_relationship.view(-1, 2), pending.next_sentence_label.view(-1))
+    if as_tuple:
+        return (loss, *output)
+    return type(output)(loss=loss, **dict(output.items()))
+
+
+def _add_mlm_loss(hf: nn.Module) -> None:
+    import inspect
+
+    decoder = hf.get_output_embeddings()
+    _swap(decoder, _decoder_forward, "decoder")
+    names = list(inspect.signature(type(hf).forward).parameters)
+    hf._fastbert_mlm = _MaskedLMState(decoder, names, _MLM_MODELS[type(hf).__name__])
+    hf.register_forward_pre_hook(_mlm_pre_hook, with_kwargs=True)
+    hf.register_forward_hook(_mlm_post_hook, with_kwargs=True, always_call=True)
+
+
+def _remove_mlm_loss(hf: nn.Module) -> None:
+    """Remove the hooks _add_mlm_loss registered (found by function, so a deep copy's are found too)."""
+    for hooks, ours in ((hf._forward_pre_hooks, _mlm_pre_hook), (hf._forward_hooks, _mlm_post_hook)):
+        for key in [k for k, fn in hooks.items() if fn is ours]:
+            del hooks[key]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                          "_forward_hooks_always_called"):  # fmt: skip
+                getattr(hf, extra, {}).pop(key, None)
+    hf.__dict__.pop("_fastbert_mlm", None)
+
+
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
@@ -366,6 +494,14 @@ def optimize(model: nn.Module) -> nn.Module:
     else:
         summary.skipped["encoder unpadding"] = "needs the fused attention"
 
+    if type(hf).__name__ in _MLM_MODELS:
+        why = _mlm_loss_blocker(hf)
+        if why is None:
+            _add_mlm_loss(hf)
+            summary.accelerated["masked-LM decoder + loss (fused Linear + cross-entropy)"] = 1
+        else:
+            summary.skipped["masked-LM loss"] = why
+
     hf._fastbert_previous_attn = [(c, previous[k]) for k, c in configs.items()]
     hf.fastbert_summary = summary
     return model
@@ -380,6 +516,7 @@ def restore(model: nn.Module) -> nn.Module:
         if _is_swapped(module):
             module.__class__ = type(module)._fastbert_base
             module.__dict__.pop("_fastbert_gelu", None)
+    _remove_mlm_loss(hf)
     for config, impl in hf._fastbert_previous_attn:
         config._attn_implementation = impl
     del hf._fastbert_previous_attn

@@ -88,3 +88,18 @@ def attention_varlen(
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         out[start:end] = attention(qs, ks, vs, dropout_p=dropout_p, scale=scale)[0].transpose(0, 1)
     return out
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss): ``logits = F.linear(x, weight, bias)`` and the mean cross-entropy of its rows against
+    ``labels`` (one per row; ``ignore_index`` rows left out), as transformers' masked-LM heads compute them."""
+    logits = F.linear(x, weight, bias)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index)
+    return logits, loss

@@ -22,6 +22,7 @@ KERNEL_MODULES = (
     "fastbert.kernels.linear_gelu",
     "fastbert.kernels.linear_gelu_sm90",
     "fastbert.kernels.attention",
+    "fastbert.kernels.linear_cross_entropy",
 )
 
 # Shared memory a block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes.

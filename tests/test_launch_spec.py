@@ -303,3 +303,32 @@ def test_attention_tables_give_one_config_per_call(kind):
             for dropout in (False, True):
                 configs = at._applicable(table, dtype, block_d, dropout)
                 assert len(configs) == 1, (dtype, block_d, dropout, configs)
+
+
+# --------------------------------------------------------------------------------------------- linear_cross_entropy
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (7, 100), (130, 30522)])
+def test_linear_cross_entropy_launches_are_gated(dtype, rows, vocab):
+    x = _rand(rows, 32, dtype=dtype).requires_grad_()
+    weight = _rand(vocab, 32, dtype=dtype).requires_grad_()
+    bias = _rand(vocab, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,))
+    labels[1::2] = -100
+    with captured_launches() as launches:
+        logits, loss = ops.linear_cross_entropy(x, weight, bias, labels)
+        (loss + logits.float().mean()).backward()
+        with torch.no_grad():
+            ops.linear_cross_entropy(x, weight, None, labels.int()[None])  # int32 labels, 2-D
+    assert {launch.name for launch in launches} >= {"_cross_entropy_fwd_kernel", "_cross_entropy_bwd_kernel"}
+    assert_covered(launches)
+
+
+def test_linear_cross_entropy_autocast_launches_are_gated():
+    x = _rand(9, 32, dtype=torch.float32)[:, None, :].expand(9, 2, 32).requires_grad_()  # odd strides
+    weight = _rand(101, 32, dtype=torch.float32).requires_grad_()
+    labels = torch.randint(0, 101, (9, 2))
+    with captured_launches() as launches:
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, loss = ops.linear_cross_entropy(x, weight, None, labels)
+        loss.backward()
+    assert_covered(launches)

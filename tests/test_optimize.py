@@ -3,6 +3,7 @@ and unpadded batches), state_dict unchanged, restore, idempotence, fallbacks wit
 public modules. Interpreter-sized configs (2 layers, hidden 64); GPU-only checks at the end."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -81,6 +82,100 @@ def test_pretraining_loss_and_gradients_match():
         g, fg = p.grad, fast_params[name].grad
         assert fg is not None, name
         torch.testing.assert_close(fg, g, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _mlm_args(cls, ids, mask):
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[0, ::3] = -100  # unlabelled real tokens too, as in masked-LM batches
+    extra = {"next_sentence_label": torch.tensor([0, 1, 0], device=DEVICE)} if cls == "BertForPreTraining" else {}
+    return labels, extra
+
+
+@pytest.mark.parametrize("cls", ["BertForPreTraining", "BertForMaskedLM", "RobertaForMaskedLM"])
+def test_masked_lm_loss_is_fused_and_matches(cls):
+    """With labels, the decoder and the loss run as ops.linear_cross_entropy (its logits have the padded row
+    stride): the loss, every output field and every gradient match transformers', also for a tuple output
+    (return_dict=False) and labels passed positionally."""
+    cfg = roberta_config() if cls.startswith("Roberta") else bert_config()
+    ref, fast = pair(getattr(transformers, cls), cfg)
+    assert "masked-LM decoder + loss (fused Linear + cross-entropy)" in fastbert.summary(fast).accelerated
+    ref.train(), fast.train()
+    ids, mask = batch()
+    labels, extra = _mlm_args(cls, ids, mask)
+    outs = []
+    for m in (ref, fast):
+        out = m(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        out.loss.backward()
+        outs.append(out)
+    assert list(outs[1].keys()) == list(outs[0].keys())
+    logits = outs[1][1]
+    assert logits.stride(-2) == 320, "the fused decoder did not run"  # vocabulary 300 padded to 320
+    valid = mask.bool()  # per-token outputs at padding positions differ after unpadding (documented)
+    for key in outs[0]:
+        a, b = outs[1][key], outs[0][key]
+        a, b = (a[valid], b[valid]) if a.dim() == 3 else (a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+    with torch.no_grad():
+        as_tuple = fast(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False, **extra)
+        names = list(inspect.signature(type(fast).forward).parameters)[1:]
+        positional = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+        args = [positional.get(n) for n in names[: max(names.index(k) for k in positional) + 1]]
+        by_position = fast(*args)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(outs[0])
+    for a, b in zip(as_tuple, outs[0].values(), strict=True):
+        a, b = (a[valid], b[valid]) if a.dim() == 3 else (a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(by_position.loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_lm_loss_follows_transformers_when_logits_change():
+    """A forward hook that replaces the decoder's logits (scaled here): the loss is transformers', computed from
+    the logits the model returns; without next_sentence_label BertForPreTraining returns no loss, as
+    transformers; a forward that raises leaves nothing behind."""
+    ref, fast = pair(transformers.BertForPreTraining, bert_config())
+    for m in (ref, fast):
+        m.cls.predictions.decoder.register_forward_hook(lambda mod, args, out: 2 * out)
+    ids, mask = batch()
+    labels, extra = _mlm_args("BertForPreTraining", ids, mask)
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask, labels=labels, **extra) for m in (fast, ref))
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        assert fast(input_ids=ids, attention_mask=mask, labels=labels).loss is None
+        with pytest.raises(Exception):  # noqa: B017 - whatever transformers raises for a bad input
+            fast(input_ids=ids[:, :5], attention_mask=mask, labels=labels, **extra)
+        assert fast._fastbert_mlm.pending is None
+        assert "_fastbert_pending" not in fast.cls.predictions.decoder.__dict__
+        valid = mask.bool()
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).prediction_logits[valid],
+                                   b.prediction_logits[valid], rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_masked_lm_loss_keeps_no_float32_vocab_tensor():
+    """Under autocast eager CrossEntropyLoss keeps an fp32 log-softmax of [tokens, vocab] for its backward; the
+    fused loss keeps the half logits (row stride padded to 320) and one fp32 value per token."""
+    cfg = bert_config()
+    ref, fast = pair(transformers.BertForMaskedLM, cfg)
+    ids, mask = batch()
+    labels, _ = _mlm_args("BertForMaskedLM", ids, mask)
+    tokens = ids.numel()
+    kept = []
+    for m in (ref, fast):
+        m.train()
+        shapes = []
+
+        def pack(t, shapes=shapes):
+            shapes.append((t.dtype, tuple(t.shape)))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(DEVICE.type, torch.float16):
+            m(input_ids=ids, attention_mask=mask, labels=labels)
+        kept.append([s for s in shapes if len(s[1]) == 2 and s[1][0] == tokens and s[1][1] >= cfg.vocab_size])
+    assert (torch.float32, (tokens, cfg.vocab_size)) in kept[0]
+    assert kept[1] == [(torch.float16, (tokens, 320))], kept[1]
 
 
 def test_training_dropout_runs_and_is_seeded():
@@ -239,9 +334,11 @@ def test_state_dict_shared_restore_and_idempotent(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = transformers.BertForMaskedLM.from_pretrained(tmp_path).to(DEVICE)
     assert all(torch.equal(loaded.state_dict()[k], before[k]) for k in before)
+    assert transformers.AutoConfig.from_pretrained(tmp_path).architectures == ["BertForMaskedLM"]
     fastbert.restore(model)
     assert fastbert.summary(model) is None
     assert not any(type(m).__name__.startswith("Fastbert") for m in model.modules())
+    assert not model._forward_hooks and not model._forward_pre_hooks and not hasattr(model, "_fastbert_mlm")
     assert model.config._attn_implementation != "fastbert"
 
 

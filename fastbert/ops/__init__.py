@@ -6,6 +6,7 @@ formula, so torch.compile sees one op rather than a graph break.
 
 from fastbert.ops._add_layer_norm import add_layer_norm
 from fastbert.ops._attention import attention, attention_varlen, pad, unpad
+from fastbert.ops._linear_cross_entropy import linear_cross_entropy
 from fastbert.ops._linear_gelu import linear_gelu
 
-__all__ = ["add_layer_norm", "attention", "attention_varlen", "linear_gelu", "pad", "unpad"]
+__all__ = ["add_layer_norm", "attention", "attention_varlen", "linear_cross_entropy", "linear_gelu", "pad", "unpad"]
