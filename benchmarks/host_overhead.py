@@ -91,15 +91,15 @@ def fake_gpu(zero_outputs: bool = False):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
 
-    from fastbert.kernels import add_layer_norm, attention, common, linear_gelu
-    from fastbert.ops import _add_layer_norm, _attention, _common, _linear_gelu
+    from fastbert.kernels import add_layer_norm, attention, common, linear_cross_entropy, linear_gelu
+    from fastbert.ops import _add_layer_norm, _attention, _common, _linear_cross_entropy, _linear_gelu
 
-    mods = (_common, _add_layer_norm, _attention, _linear_gelu)
+    mods = (_common, _add_layer_norm, _attention, _linear_gelu, _linear_cross_entropy)
     saved = [m.use_triton for m in mods], driver._active, Autotuner._bench, os.environ.get("FASTBERT_LINEAR_GELU_SM90")
     driver.set_active(FakeDriver())
     for m in mods:
         m.use_triton = lambda t: True
-    allocators = (common, add_layer_norm, attention, linear_gelu) if zero_outputs else ()
+    allocators = (common, add_layer_norm, attention, linear_gelu, linear_cross_entropy) if zero_outputs else ()
     saved_empty = [k.empty for k in allocators]
     for k in allocators:
         k.empty = lambda shape, *, device, dtype: torch.zeros(shape, device=device, dtype=dtype)
@@ -129,12 +129,16 @@ def cases():
     w, b = (torch.randn(N, dtype=dt, requires_grad=True) for _ in range(2))
     W, B = torch.randn(4 * N, N, dtype=dt, requires_grad=True), torch.randn(4 * N, dtype=dt, requires_grad=True)
     q, k, v = (torch.randn(1, 128, 12, 64, dtype=dt).transpose(1, 2).requires_grad_() for _ in range(3))
+    # the masked-LM decoder + loss at a tiny vocabulary (its GEMMs are real CPU work here), an odd one (padded)
+    xs, D = torch.randn(16, 64, dtype=dt, requires_grad=True), torch.randn(500, 64, dtype=dt, requires_grad=True)
+    labels = torch.randint(0, 500, (16,))
     return {
         "add_layer_norm": (lambda: ops.add_layer_norm(x, r, w, b), (x, r, w, b)),
         "add_layer_norm p=0.1": (lambda: ops.add_layer_norm(x, r, w, b, dropout_p=0.1), (x, r, w, b)),
         "linear_gelu": (lambda: ops.linear_gelu(x, W, B), (x, W, B)),
         "attention": (lambda: ops.attention(q, k, v), (q, k, v)),
         "attention p=0.1": (lambda: ops.attention(q, k, v, dropout_p=0.1), (q, k, v)),
+        "linear_cross_entropy": (lambda: ops.linear_cross_entropy(xs, D, None, labels)[1], (xs, D)),
     }
 
 

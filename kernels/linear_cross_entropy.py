@@ -99,7 +99,7 @@ def _cross_entropy_fwd_kernel(
 def _cross_entropy_mean_kernel(
     row_loss_ptr,  # [M] fp32, from the forward kernel
     labels_ptr,  # [M] int64
-    loss_ptr,  # [1] out, fp32: sum(row_loss) / n_labelled
+    loss_ptr,  # [] out, fp32: sum(row_loss) / n_labelled
     inv_count_ptr,  # [1] out, fp32: 1 / n_labelled (inf when nothing is labelled), for the backward
     M,
     ignore_index,
@@ -172,7 +172,7 @@ def cross_entropy_fwd(
     labels = aligned_base(labels)
     row_loss = empty((M,), device=logits.device, dtype=torch.float32)
     lse = empty((M,), device=logits.device, dtype=torch.float32)
-    loss = empty((1,), device=logits.device, dtype=torch.float32)
+    loss = empty((), device=logits.device, dtype=torch.float32)  # 0-d itself: a view would refuse in-place ops
     inv_count = empty((1,), device=logits.device, dtype=torch.float32)
     if M > 0:
         _cross_entropy_fwd_kernel[(M,)](
@@ -180,7 +180,7 @@ def cross_entropy_fwd(
         )
     _cross_entropy_mean_kernel[(1,)](row_loss, labels, loss, inv_count, M, ignore_index, BLOCK=BLOCK_MEAN,
                                      num_warps=4)  # fmt: skip
-    return loss.view(()), lse, inv_count
+    return loss, lse, inv_count
 
 
 def cross_entropy_bwd(

@@ -143,6 +143,20 @@ def test_label_out_of_range_gives_nan(bad):
     assert torch.isnan(leaves[0].grad[1]).all() and torch.isfinite(leaves[0].grad[0]).all()
 
 
+def test_loss_can_be_scaled_in_place():
+    """Trainer divides the loss in place (gradient accumulation): the op's loss must be its own tensor, not a
+    view of one of its outputs (autograd refuses in-place ops on those)."""
+    x, w, b, labels = make_inputs(7, 16, 100, torch.float32)
+    grads = []
+    for scale in (1.0, 0.25):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        _, loss = linear_cross_entropy(*leaves, labels)
+        loss.mul_(scale)
+        loss.backward()
+        grads.append(leaves[1].grad)
+    torch.testing.assert_close(grads[1], 0.25 * grads[0], rtol=1e-6, atol=1e-9)
+
+
 def test_custom_ignore_index():
     x, w, b, labels = make_inputs(8, 16, 100, torch.float32, ignore_every=0)
     labels[::2] = 3  # "ignore class 3"

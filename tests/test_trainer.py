@@ -61,3 +61,29 @@ def test_trainer_trains_an_optimized_model(tmp_path):
     plain = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "saved"))
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k].cpu(), rtol=0, atol=0)
+
+
+def test_trainer_masked_lm_loss_matches_transformers(tmp_path):
+    """Trainer on BertForMaskedLM: it finds the label column through the model's own forward signature (the
+    drop-in keeps transformers' class and forward: the fused masked-LM loss comes in through hooks), and the
+    logged losses of two steps match an unoptimized model's."""
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)  # fmt: skip
+    data = Synthetic(16)
+    for row in data.rows:  # masked-LM labels: every other real token, -100 elsewhere
+        row["labels"] = torch.where((row["attention_mask"] > 0) & (torch.arange(12) % 2 == 0), row["input_ids"], -100)
+    losses = []
+    for optimized in (False, True):
+        torch.manual_seed(0)
+        model = transformers.BertForMaskedLM(cfg)
+        model = fastbert.optimize(model) if optimized else model
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / f"run{optimized}"),
+                                              per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
+                                              logging_steps=1, save_strategy="no", report_to=[],
+                                              use_cpu=not HAS_CUDA, disable_tqdm=True, seed=0)  # fmt: skip
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[1]) == 2
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-4)

@@ -169,8 +169,9 @@ def linear_cross_entropy(
     ignore_index gives a NaN loss (and NaN gradients) on the kernel path, where PyTorch raises.
 
     The loss reads the logits as they are and keeps only a logsumexp per row for the backward, which writes the
-    logits' gradient in their dtype: none of eager autocast's fp32 copies of [tokens, vocab]. CPU tensors run
-    the eager reference unless TRITON_INTERPRET=1.
+    logits' gradient in their dtype: none of eager autocast's fp32 copies of [tokens, vocab]. That backward reads
+    the logits again, so modifying them in place before it raises autograd's in-place error (eager's would not).
+    CPU tensors run the eager reference unless TRITON_INTERPRET=1.
     """
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     _validate(x, weight, bias, labels, autocast)
