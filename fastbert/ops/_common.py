@@ -34,6 +34,13 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
+def autocast_dtype(device_type: str) -> torch.dtype:
+    """The dtype torch.autocast casts to on this device type (the API moved in torch 2.4)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import reference
-from fastbert.ops._common import call, check_float, check_same_device, eager_function, use_triton
+from fastbert.ops._common import autocast_dtype, call, check_float, check_same_device, eager_function, use_triton
 
 # Kept here (not imported from the kernel module) so that importing fastbert never imports Triton.
 VOCAB_ALIGN = 64
@@ -115,12 +115,6 @@ _fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
 _eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype:
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
-
-
 def _validate(x, weight, bias, labels, autocast: bool) -> None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias), ("labels", labels)):
         if name == "bias" and t is None:
@@ -176,7 +170,7 @@ def linear_cross_entropy(
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     _validate(x, weight, bias, labels, autocast)
     if autocast:
-        x = x.to(_autocast_dtype(x.device.type))  # weight and bias are cast inside, with the padding
+        x = x.to(autocast_dtype(x.device.type))  # weight and bias are cast inside, with the padding
     if not use_triton(x):
         if autocast:
             with torch.autocast(x.device.type, enabled=False):

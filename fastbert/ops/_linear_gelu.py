@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import reference
-from fastbert.ops._common import call, check_float, check_same_device, eager_function, rows_view, use_triton
+from fastbert.ops._common import (
+    autocast_dtype,
+    call,
+    check_float,
+    check_same_device,
+    eager_function,
+    rows_view,
+    use_triton,
+)
 
 APPROXIMATIONS = ("none", "tanh")
 
@@ -78,12 +86,6 @@ _fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
 _eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype:
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
-
-
 def _validate(x, weight, bias, approximate, autocast: bool) -> None:
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if name == "bias" and t is None:
@@ -132,7 +134,7 @@ def linear_gelu_with_preact(
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     _validate(x, weight, bias, approximate, autocast)
     if autocast:
-        dtype = _autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if not use_triton(x):
@@ -202,7 +204,7 @@ def linear_of_gelu(
     if not usable:
         return F.linear(y, weight, bias)
     if torch.is_autocast_enabled(y.device.type):
-        dtype = _autocast_dtype(y.device.type)
+        dtype = autocast_dtype(y.device.type)
         y, weight = y.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if preact.dtype != y.dtype or weight.dtype != y.dtype or (bias is not None and bias.dtype != y.dtype):
