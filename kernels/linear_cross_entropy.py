@@ -12,8 +12,9 @@ themselves. The kernels here read the logits as they are (any float dtype, math 
     backward, per row:  dx_j = g · (exp(x_j - lse) - [j == label]),   g = dloss / n_labelled (0 if ignored)
 
 so the forward reads the logits once and keeps only lse (4 bytes a row), and the backward reads them once more and
-writes their gradient in their own dtype. Rows whose label is ignored skip their loads in the backward (their
-gradient is zero): in real masked-LM batches that is ~85% of the rows.
+writes their gradient in their own dtype. Rows whose label is ignored have a zero gradient (in real masked-LM
+batches ~85% of the rows): the backward can compute the labelled rows' alone, compactly (GATHER, rows listed by
+index), so that the decoder's gradient GEMMs run over those rows only; otherwise ignored rows skip their loads.
 
 The logits have a padded row stride (a multiple of 64; fastbert.ops.linear_cross_entropy pads the vocabulary of
 its GEMM so: cuBLAS takes its slower sm_80 kernels for an odd leading dimension such as 30522). Columns past the
@@ -126,17 +127,24 @@ def _cross_entropy_bwd_kernel(
     lse_ptr,  # [M] fp32, from the forward
     dloss_ptr,  # [1]: the gradient of the mean loss
     inv_count_ptr,  # [1] fp32, from the mean kernel
-    dlogits_ptr,  # [M, stride_row] out, logits' dtype: every column written (zeros past V)
+    dlogits_ptr,  # [programs, stride_row] out, logits' dtype: every column written (zeros past V)
+    rows_ptr,  # [programs] int64 with GATHER: the row of the logits each program's output row is the gradient of
     stride_row,
     M,
     V,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    GATHER: tl.constexpr,  # the gradient of the rows in rows_ptr only (compact); else of every row
 ):
-    row = tl.program_id(0)
+    pid = tl.program_id(0)
+    if GATHER:
+        row = tl.load(rows_ptr + pid)
+    else:
+        row = pid.to(tl.int64)
     stride_row = (stride_row // 64) * 64
     v16 = tl.cdiv(V, 16) * 16
-    offset = row.to(tl.int64) * stride_row
+    offset = row * stride_row
+    out_offset = pid.to(tl.int64) * stride_row
     label = tl.load(labels_ptr + row)
     labelled = label != ignore_index
     in_range = (label >= 0) & (label < V)
@@ -151,7 +159,7 @@ def _cross_entropy_bwd_kernel(
         x = tl.load(logits_ptr + offset + c, mask=c < load_end, other=-float("inf")).to(tl.float32)
         x = tl.where(c < V, x, -float("inf"))
         d = g * tl.exp2((x - lse) * _LOG2E) - tl.where(c == label, g, 0.0)
-        tl.store(dlogits_ptr + offset + c, d.to(dlogits_ptr.dtype.element_ty), mask=c < stride_row)
+        tl.store(dlogits_ptr + out_offset + c, d.to(dlogits_ptr.dtype.element_ty), mask=c < stride_row)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -191,19 +199,25 @@ def cross_entropy_bwd(
     lse: torch.Tensor,
     inv_count: torch.Tensor,
     ignore_index: int,
+    rows: torch.Tensor | None = None,
     block_v: int = BLOCK_V,
 ) -> torch.Tensor:
     """The gradient of cross_entropy_fwd's mean loss with respect to the padded logits: [M, Vp] contiguous in
-    logits' dtype, zero in the columns past v. dloss: the loss's gradient (a one-element tensor, read on the
-    device: no sync)."""
+    logits' dtype, zero in the columns past v; with ``rows`` (int64 row indices) only those rows' gradients, as
+    [len(rows), Vp] (the other rows of a mean over labelled rows are zero when rows lists the labelled ones).
+    dloss: the loss's gradient (a one-element tensor, read on the device: no sync)."""
     _check_layout(logits, v)
     M, vp = logits.shape[0], logits.stride(0)
-    dlogits = empty((M, vp), device=logits.device, dtype=logits.dtype)
-    if M > 0:
+    labels = aligned_base(labels)
+    gather = rows is not None
+    programs = rows.numel() if gather else M
+    dlogits = empty((programs, vp), device=logits.device, dtype=logits.dtype)
+    if programs > 0:
         dloss = aligned_base(dloss.reshape(1))
-        _cross_entropy_bwd_kernel[(M,)](
-            logits, aligned_base(labels), lse, dloss, inv_count, dlogits, vp, M, v, ignore_index,
-            BLOCK_V=block_v, num_warps=NUM_WARPS,
+        rows = aligned_base(rows) if gather else labels  # (labels: an int64 stand-in, not read)
+        _cross_entropy_bwd_kernel[(programs,)](
+            logits, labels, lse, dloss, inv_count, dlogits, rows, vp, M, v, ignore_index,
+            BLOCK_V=block_v, GATHER=gather, num_warps=NUM_WARPS,
         )  # fmt: skip
     return dlogits
 
@@ -221,13 +235,14 @@ def gate_cases() -> list[GateCase]:
              "stride_row": "i32", "M": "i32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"},
             {"BLOCK_V": BLOCK_V}, NUM_WARPS, vector_loads=True,
         ))  # fmt: skip
-        cases.append(GateCase(
-            f"cross_entropy_bwd-{dt}", _cross_entropy_bwd_kernel,
-            {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "dloss_ptr": "*fp32",
-             "inv_count_ptr": "*fp32", "dlogits_ptr": f"*{dt}", "stride_row": "i32", "M": "i32", "V": "i32",
-             "ignore_index": "i32", "BLOCK_V": "constexpr"},
-            {"BLOCK_V": BLOCK_V}, NUM_WARPS, vector_loads=True,
-        ))  # fmt: skip
+        for gather in (False, True):
+            cases.append(GateCase(
+                f"cross_entropy_bwd-{dt}{'-gather' if gather else ''}", _cross_entropy_bwd_kernel,
+                {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "dloss_ptr": "*fp32",
+                 "inv_count_ptr": "*fp32", "dlogits_ptr": f"*{dt}", "rows_ptr": "*i64", "stride_row": "i32",
+                 "M": "i32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr", "GATHER": "constexpr"},
+                {"BLOCK_V": BLOCK_V, "GATHER": gather}, NUM_WARPS, vector_loads=True,
+            ))  # fmt: skip
     cases.append(GateCase(
         "cross_entropy_mean", _cross_entropy_mean_kernel,
         {"row_loss_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "inv_count_ptr": "*fp32", "M": "i32",

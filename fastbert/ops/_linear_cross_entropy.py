@@ -66,14 +66,27 @@ def _bwd_impl(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     v, vp = weight.shape[0], logits.shape[1]
+    rows = None
+    if dloss is not None and dlogits_in is None and not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Only the labelled rows have a gradient (a masked-LM batch labels ~15% of its tokens): the backward's
+        # GEMMs then run over those rows alone. Their number is needed on the host, which costs one device sync.
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        if rows.numel() == labels.numel():
+            rows = None
     if dloss is not None:
-        dlogits = _kernels().cross_entropy_bwd(dloss.float(), logits, v, labels, lse, inv_count, ignore_index)
+        dlogits = _kernels().cross_entropy_bwd(dloss.float(), logits, v, labels, lse, inv_count, ignore_index,
+                                               rows)  # fmt: skip
         if dlogits_in is not None:  # the logits were used elsewhere too
             dlogits += dlogits_in
     else:
         dlogits = dlogits_in.contiguous()
-    dx = dlogits @ _padded(weight, vp, x.dtype)
-    dweight = (dlogits.t() @ x)[:v].to(weight.dtype)
+    w = _padded(weight, vp, x.dtype)
+    if rows is None:
+        dx = dlogits @ w
+        dweight = (dlogits.t() @ x)[:v].to(weight.dtype)
+    else:
+        dx = torch.zeros_like(x).index_copy_(0, rows, dlogits @ w)
+        dweight = (dlogits.t() @ x.index_select(0, rows))[:v].to(weight.dtype)
     # (PyTorch's Linear backward sums the bias gradient in the GEMM's dtype; an fp32 sum is at least as exact)
     dbias = dlogits.sum(0, dtype=torch.float32)[:v].to(weight.dtype) if has_bias else weight.new_empty((0,))
     return dx, dweight, dbias
