@@ -431,6 +431,24 @@ def test_torch_compile_of_optimized_model_training():
     assert any("attention.self.query" in n for n in grads)
 
 
+def test_torch_compile_of_optimized_masked_lm_with_labels():
+    """Under torch.compile the masked-LM hooks step aside (the loss is transformers', compiled): same loss and
+    decoder gradient as transformers'."""
+    ref, fast = pair(transformers.BertForMaskedLM, bert_config())
+    ids, mask = batch()
+    labels, _ = _mlm_args("BertForMaskedLM", ids, mask)
+    torch._dynamo.reset()
+    losses = []
+    for m in (torch.compile(fast, backend="aot_eager"), ref):
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    name = "cls.predictions.transform.dense.weight"
+    torch.testing.assert_close(dict(fast.named_parameters())[name].grad, dict(ref.named_parameters())[name].grad,
+                               rtol=1e-3, atol=1e-5)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------- public modules
 def test_public_modules_share_parameters_and_match():
     torch.manual_seed(0)
