@@ -50,11 +50,6 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _RUNTIME_ARGS = ["stride_row", "M", "V", "ignore_index"]
 
 
-def padded_vocab(v: int) -> int:
-    """The row stride of fastbert's logits for a vocabulary of v words: v rounded up to VOCAB_ALIGN."""
-    return -(-v // VOCAB_ALIGN) * VOCAB_ALIGN
-
-
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _cross_entropy_fwd_kernel(
