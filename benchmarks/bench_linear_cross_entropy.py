@@ -98,6 +98,8 @@ def main() -> None:
                                 out.backward()
 
                         t = harness.time_ms(call, grad_to_none=leaves if mode == "fwd+bwd" else None)
+                        for leaf in leaves:  # the peak of one call from no gradients, as in a training step
+                            leaf.grad = None
                         peak = peak_bytes(call)
                         tflops = flops / t["median_ms"] / 1e9
                         row = {"op": "linear_cross_entropy", "provider": name,
