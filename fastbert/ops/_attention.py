@@ -108,10 +108,13 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, cu_seqlens, seed)
     ctx.max_seqlen, ctx.scale, ctx.dropout_p = max_seqlen, scale, dropout_p
+    ctx.set_materialize_grads(False)  # lse's (unused) gradient is None, not a zero tensor filled by a kernel
 
 
 def _backward_with(bwd):
     def backward(ctx, dout, _dlse):
+        if dout is None:
+            return None, None, None, None, None, None, None, None, None
         q, k, v, out, lse, bias, cu_seqlens, seed = ctx.saved_tensors
         dq, dk, dv = bwd(dout, q, k, v, out, lse, bias, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.dropout_p, seed)
         return dq, dk, dv, None, None, None, None, None, None
