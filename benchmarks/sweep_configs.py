@@ -83,8 +83,10 @@ DROPOUT_DQ_CANDIDATES = ((128, 32, 8, 2), (64, 32, 4, 2))
 
 
 def _dropout_args(at, p: float) -> tuple:
-    """(threshold, scale, Philox key) the attention kernels take for dropout probability p."""
-    return at.dropout_threshold(p, at.DROPOUT_BITS.value), 1.0 / (1.0 - p), at.philox_seed(0)
+    """(threshold, scale, seed_ptr) the attention kernels take for dropout probability p: seed_ptr an int64 [1]
+    CUDA tensor holding a dropout seed (kernels.common.seed_arg)."""
+    seed = torch.full((1,), at.philox_seed(0), dtype=torch.int64, device="cuda")
+    return at.dropout_threshold(p, at.DROPOUT_BITS.value), 1.0 / (1.0 - p), seed
 
 
 def sweep_attention() -> None:

@@ -52,6 +52,7 @@ from fastbert.kernels.common import (
     num_programs_for,
     philox_seed,
     pointer_args,
+    seed_arg,
 )
 
 MAX_HIDDEN = 8192
@@ -91,7 +92,7 @@ def bwd_config(n: int) -> tuple[int, int, int]:
 # N or the strides are (Triton would otherwise compile variants for values equal to 1 or divisible by 16 that
 # the compile gate never sees). ALIGNED restores the divisibility where the launcher has checked it.
 _RUNTIME_ARGS = ["stride_x_row", "stride_residual_row", "stride_y_row", "stride_dy_row", "M", "N",
-                 "tiles_per_program", "dropout_threshold", "seed"]  # fmt: skip
+                 "tiles_per_program", "dropout_threshold"]  # fmt: skip
 
 
 @triton.jit
@@ -123,7 +124,7 @@ def _add_layer_norm_fwd_kernel(
     eps,
     dropout_threshold,  # threshold of the keep-mask's 32-bit draws (see common.dropout_threshold)
     dropout_scale,  # 1 / (1 - p)
-    seed,
+    seed_ptr,  # [1] int64, the dropout seed (common.seed_arg), read iff HAS_DROPOUT
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -144,7 +145,7 @@ def _add_layer_norm_fwd_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+        keep = dropout_keep(tl.load(seed_ptr), rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
         x = tl.where(keep, x * dropout_scale, 0.0)
     s = x + r.to(tl.float32)
     if STORE_SUM:
@@ -186,7 +187,7 @@ def _add_layer_norm_bwd_kernel(
     tiles_per_program,
     dropout_threshold,
     dropout_scale,
-    seed,
+    seed_ptr,  # [1] int64, the dropout seed, read iff HAS_DROPOUT
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -199,6 +200,10 @@ def _add_layer_norm_bwd_kernel(
     stride_x_row = _multiple_of_16(stride_x_row, ALIGNED)
     stride_residual_row = _multiple_of_16(stride_residual_row, ALIGNED)
     pid = tl.program_id(0)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)  # the dropout seed (common.seed_arg)
+    else:
+        seed = 0
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -287,7 +292,7 @@ def add_layer_norm_fwd(
     bias: torch.Tensor,
     eps: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     store_sum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x, residual: [M, N] with unit column stride (their dtypes may differ: each is read as it is and the sum is
@@ -305,7 +310,8 @@ def add_layer_norm_fwd(
     _add_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual, weight, bias, y, mean, rstd, y if s is None else s,
         x.stride(0), residual.stride(0), y.stride(0),
-        M, N, eps, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
+        M, N, eps, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p),
+        seed_arg(seed if dropout_p > 0.0 else None, x.device),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0, STORE_SUM=store_sum,
         ALIGNED=_is_aligned(N, x, residual), num_warps=num_warps,
     )  # fmt: skip
@@ -320,7 +326,7 @@ def add_layer_norm_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     s: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of add_layer_norm_fwd. With s (the forward's store_sum result) the kernel reads s alone, and x
@@ -351,7 +357,8 @@ def add_layer_norm_bwd(
         dy, x, residual, residual if s is None else s, weight, mean, rstd,
         dresidual, dx if has_dropout else x, dw_partial, db_partial,
         dy.stride(0), N if s is not None else x.stride(0), N if s is not None else residual.stride(0),
-        M, N, tiles_per_program, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p), philox_seed(seed),
+        M, N, tiles_per_program, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p),
+        seed_arg(seed if has_dropout else None, x.device),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout, PARAM_GRADS=param_grads,
         SAVED_SUM=s is not None, ALIGNED=aligned, num_warps=num_warps,
     )  # fmt: skip
@@ -420,7 +427,7 @@ def gate_cases() -> list[GateCase]:
                     {"x_ptr": f"*{xt}", "residual_ptr": f"*{rt}", "weight_ptr": f"*{wt}", "bias_ptr": f"*{wt}",
                      "y_ptr": f"*{rt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "s_ptr": f"*{rt}",
                      "stride_x_row": "i32", "stride_residual_row": "i32", "stride_y_row": "i32", "M": "i32",
-                     "N": "i32", "eps": "fp32", "dropout_threshold": "i32", "dropout_scale": "fp32", "seed": "i64",
+                     "N": "i32", "eps": "fp32", "dropout_threshold": "i32", "dropout_scale": "fp32", "seed_ptr": "*i64",
                      "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
                      "STORE_SUM": "constexpr", "ALIGNED": "constexpr"},
                     {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "STORE_SUM": with_sum, "ALIGNED": aligned},
@@ -434,7 +441,7 @@ def gate_cases() -> list[GateCase]:
                      "dx_ptr": f"*{xt}", "dweight_partial_ptr": "*fp32", "dbias_partial_ptr": "*fp32",
                      "stride_dy_row": "i32", "stride_x_row": "i32", "stride_residual_row": "i32", "M": "i32",
                      "N": "i32", "tiles_per_program": "i32", "dropout_threshold": "i32", "dropout_scale": "fp32",
-                     "seed": "i64", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
+                     "seed_ptr": "*i64", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "HAS_DROPOUT": "constexpr",
                      "PARAM_GRADS": "constexpr", "SAVED_SUM": "constexpr", "ALIGNED": "constexpr"},
                     {"BLOCK_M": bm, "BLOCK_N": bn, "HAS_DROPOUT": drop, "PARAM_GRADS": bn <= MAX_HIDDEN_DROPOUT,
                      "SAVED_SUM": with_sum, "ALIGNED": aligned}, nw,

@@ -63,6 +63,8 @@ from fastbert.kernels.common import (
     interpreting,
     next_power_of_2,
     philox_seed,
+    placeholder,
+    seed_arg,
 )
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -116,7 +118,7 @@ _DQ_CONFIGS = (
     (16, 16, 4, 1, ("fp32",), (64,), False),
     (16, 16, 8, 1, ("fp32",), (64,), True),
     (16, 16, 8, 1, ("fp32",), (128,), False),
-    (16, 16, 4, 2, ("fp32",), (128,), True),
+    (16, 16, 8, 2, ("fp32",), (128,), True),  # 4 warps spilled with dropout (sm_90, seed read on the device)
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _PREPROCESS_BLOCK_M = 64
@@ -154,7 +156,7 @@ def _meta(table, dtype: str, block_d: int, dropout: bool, interpreter: bool) -> 
 # q/k/v/out strides and head_dim, which are always 16-byte aligned / multiples of 16 (fresh allocations,
 # _aligned, HEAD_DIMS), so every launch compiles to the variant the gate checks, with vectorised loads.
 _RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "stride_bias_b",
-                 "dropout_threshold", "seed"]  # fmt: skip
+                 "dropout_threshold"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -192,6 +194,16 @@ def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
         len_q = tl.load(cu_seqlens_ptr + b + 1) - start
         len_k = len_q
     return start, len_q, len_k
+
+
+@triton.jit
+def _load_seed(seed_ptr, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed, read from the device (common.seed_arg); 0 (unused) without dropout."""
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+    return seed
 
 
 @triton.jit
@@ -279,7 +291,7 @@ def _attention_fwd_kernel(
     has_mask,
     dropout_threshold,
     dropout_scale,  # 1 / (1 - p)
-    seed,
+    seed_ptr,  # [1] int64, the dropout seed (common.seed_arg), read iff HAS_DROPOUT
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -293,6 +305,7 @@ def _attention_fwd_kernel(
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_m * BLOCK_M >= len_q:
         return
+    seed = _load_seed(seed_ptr, HAS_DROPOUT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
@@ -436,7 +449,7 @@ def _attention_bwd_dkdv_kernel(
     seq_q, seq_k, heads, head_dim,
     sm_scale,  # scale (dk = dsᵀ q · scale)
     qk_scale,  # scale · log2(e)
-    is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
+    is_varlen, has_mask, dropout_threshold, dropout_scale, seed_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -450,6 +463,7 @@ def _attention_bwd_dkdv_kernel(
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_n * BLOCK_N >= len_k:
         return
+    seed = _load_seed(seed_ptr, HAS_DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -540,7 +554,7 @@ def _attention_bwd_dq_kernel(
     stride_bias_b,
     seq_q, seq_k, heads, head_dim,
     sm_scale, qk_scale,
-    is_varlen, has_mask, dropout_threshold, dropout_scale, seed,
+    is_varlen, has_mask, dropout_threshold, dropout_scale, seed_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -554,6 +568,7 @@ def _attention_bwd_dq_kernel(
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_m * BLOCK_M >= len_q:
         return
+    seed = _load_seed(seed_ptr, HAS_DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -637,18 +652,6 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return 0, t.stride(1), t.stride(0), t.stride(2)
 
 
-_PLACEHOLDERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A one-element tensor for a pointer argument the kernel will not read (no mask, not varlen), made once per
-    device: allocating and filling one per call cost two extra launches each time."""
-    key = (device, dtype)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _PLACEHOLDERS[key]
-
-
 class _Layout:
     """Sizes shared by the launchers: padded [B, H, S, D] or packed [total, H, D] + cu_seqlens."""
 
@@ -661,7 +664,7 @@ class _Layout:
         else:
             self.batch, self.heads, self.seq_q, self.head_dim = q.shape
             self.seq_k, self.max_q = k.shape[2], q.shape[2]
-            self.cu = _placeholder(q.device, torch.int32)
+            self.cu = placeholder(q.device, torch.int32)
         self.has_mask = bias is not None
         if bias is not None:
             ok = bias.dtype == torch.float32 and bias.dim() == 2 and bias.shape[0] == self.batch
@@ -670,7 +673,7 @@ class _Layout:
                 got = f"{bias.dtype} {tuple(bias.shape)}"
                 raise ValueError("attention: the key bias must come from key_bias() (fp32 [batch, seq_k rounded up "
                                  f"to {KEY_BIAS_BLOCK}], unit stride), got {got}")  # fmt: skip
-        self.bias = aligned_base(bias) if bias is not None else _placeholder(q.device, torch.float32).view(1, 1)
+        self.bias = aligned_base(bias) if bias is not None else placeholder(q.device, torch.float32).view(1, 1)
         self.block_d = max(32, next_power_of_2(self.head_dim))
         self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
@@ -678,9 +681,9 @@ class _Layout:
     def meta(self, table, q: torch.Tensor, dropout_p: float) -> dict:
         return _meta(table, _dtype_name(q), self.block_d, dropout_p > 0.0, interpreting())
 
-    def flags(self, dropout_p: float, seed: int) -> tuple:
+    def flags(self, dropout_p: float, seed: torch.Tensor | None, device: torch.device) -> tuple:
         return (int(self.varlen), int(self.has_mask), dropout_threshold(dropout_p, DROPOUT_BITS.value),
-                1.0 / (1.0 - dropout_p), philox_seed(seed))  # fmt: skip
+                1.0 / (1.0 - dropout_p), seed_arg(seed if dropout_p > 0.0 else None, device))  # fmt: skip
 
 
 # Columns of the key bias come in whole blocks of this many, at least the largest BLOCK_N of any config, so that
@@ -709,7 +712,7 @@ def attention_fwd(
     max_seqlen: int = 0,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded: q [B, H, Sq, D], k, v [B, H, Sk, D] (any strides), bias None (no mask) or key_bias(mask, Sk).
@@ -729,7 +732,7 @@ def attention_fwd(
     _attention_fwd_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
         q, k, v, out, lse, lay.bias, lay.cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
-        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed),
+        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed, q.device),
         BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
     )  # fmt: skip
     return out, lse
@@ -756,7 +759,7 @@ def attention_bwd(
     max_seqlen: int = 0,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of attention_fwd (same arguments, plus do like out and the saved out and lse). Returns
     (dq, dk, dv) in the inputs' shapes and dtype, each in its input's layout (_grad_like): for transformers'
@@ -775,7 +778,7 @@ def attention_bwd(
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
         BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
     )  # fmt: skip
-    flags = lay.flags(dropout_p, seed)
+    flags = lay.flags(dropout_p, seed, q.device)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     max_k = lay.max_q if lay.varlen else lay.seq_k
     meta = lay.meta(_DKDV_CONFIGS, q, dropout_p)
@@ -813,10 +816,10 @@ def dropout_keep_mask(
 # ----------------------------------------------------------------------------------------------- compile gate
 def _signature(names: str, dtype: str) -> dict[str, str]:
     """Kernel signature from a compact spec: 'T' pointers get the input dtype, 'F' fp32 pointers, 'B' int8,
-    'C' int32 pointers, 'i' i32, 'a' i32 divisible by 16 (the strides _aligned guarantees), 'l' i64, 'f' fp32
-    scalars, 'c' and '1' constexpr (the head_dim strides, always 1: see _aligned)."""
-    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "i": "i32", "a": "i32", "l": "i64",
-             "f": "fp32", "c": "constexpr", "1": "constexpr"}  # fmt: skip
+    'C' int32 and 'L' int64 pointers, 'i' i32, 'a' i32 divisible by 16 (the strides _aligned guarantees), 'l' i64,
+    'f' fp32 scalars, 'c' and '1' constexpr (the head_dim strides, always 1: see _aligned)."""
+    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "L": "*i64", "i": "i32", "a": "i32",
+             "l": "i64", "f": "fp32", "c": "constexpr", "1": "constexpr"}  # fmt: skip
     return {name: kinds[kind] for name, kind in (item.split(":") for item in names.split())}
 
 
@@ -828,11 +831,11 @@ def _divisible(sig: str) -> tuple[str, ...]:
     """The arguments Triton specialises as divisible by 16 on every launch: all pointers (16-byte aligned: fresh
     allocations, or inputs _aligned / aligned_base checked) and the 'a' strides."""
     items = [item.split(":") for item in sig.split()]
-    return tuple(name for name, kind in items if kind in "TFBCa")
+    return tuple(name for name, kind in items if kind in "TFBCLa")
 
 
 _STRIDES = "stride_{0}b:a stride_{0}h:a stride_{0}{1}:a stride_{0}d:1"
-_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed:l"
+_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed_ptr:L"
 _FWD_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))

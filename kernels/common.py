@@ -87,19 +87,52 @@ def dropout_threshold(p: float, bits: int) -> int:
     return t - 2**31 if bits == 32 else t
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def placeholder(device, dtype):
+    """A one-element tensor for a pointer argument a kernel will not read (no mask, not varlen, no dropout), made
+    once per device and dtype: allocating and filling one per call cost extra launches each time."""
+    import torch
+
+    key = (device, dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
+
+
+def seed_arg(seed, device):
+    """The seed_ptr argument of a kernel with dropout: ``seed``, the op's int64 [1] tensor on the kernel's device
+    holding the dropout seed (fastbert.ops draws it there, in [2^62, 2^63): see philox_seed), which the kernel
+    loads. Read on the device rather than passed by value, so that a CUDA graph replays with the seed the
+    captured draw writes afresh on each replay. Without dropout (seed None) a placeholder, never read."""
+    import torch
+
+    if seed is None:
+        return placeholder(device, torch.int64)
+    assert seed.dtype == torch.int64 and seed.numel() == 1 and seed.device == device, (seed, device)
+    return seed
+
+
 def philox_seed(seed: int) -> int:
-    """The Philox key the kernels get for a dropout seed: seed mod 2^62, plus 2^62. Always in [2^62, 2^63), so
-    Triton types it int64 on every launch (a small seed would otherwise compile an int32 variant of the kernel,
-    one the compile gate does not check)."""
+    """The value the kernels get for a dropout seed (dropout_keep's stream): seed mod 2^62, plus 2^62. Always in
+    [2^62, 2^63), so Triton types it int64 on every launch (a small seed would otherwise compile an int32 variant
+    of the kernel, one the compile gate does not check)."""
     return seed % 2**62 + 2**62
+
+
+# The Philox key of every dropout mask: masks differ by their seed, which dropout_keep puts in the counters' upper
+# 64 bits (distinct seeds: disjoint counter ranges, independent draws).
+DROPOUT_KEY = tl.constexpr(0x2B7E151628AED2A6)
 
 
 @triton.jit
 def dropout_keep(
     seed, row_ids, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
 ):
-    """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile of a [rows, row_length] mask, from Philox-4x32 keyed by
-    ``seed``; kept iff the element's ``BITS``-bit draw is >= ``threshold`` (dropout_threshold(p, BITS)).
+    """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile of a [rows, row_length] mask, from Philox-4x32 (key
+    DROPOUT_KEY, counter (seed, element counter)); kept iff the element's ``BITS``-bit draw is >= ``threshold``
+    (dropout_threshold(p, BITS)).
 
     One Philox evaluation gives four 32-bit words: four 32-bit draws, or eight 16-bit ones (k = 4 or 8 elements
     per evaluation). Row ``row`` uses the counters ``row · cdiv(row_length, k) + col // k`` (64-bit). With 32 bits
@@ -115,7 +148,15 @@ def dropout_keep(
     # a tensor to itself)
     cols = tl.arange(0, BLOCK_N // PER_COUNTER) + col_start // PER_COUNTER
     counters = row_ids.to(tl.int64)[:, None] * tl.cdiv(row_length, PER_COUNTER) + cols[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    c0 = counters.to(tl.uint32)
+    c1 = (counters >> 32).to(tl.uint32)
+    # The call's seed selects the counters' upper 64 bits (its stream); the key is a constant, so the Philox key
+    # schedule stays immediate operands. A key read from device memory (kernels with seed_ptr) would be held in
+    # registers across the loops: +35 registers in the attention forward under dropout (compile gate).
+    stream = seed.to(tl.int64)
+    c2 = c0 * 0 + stream.to(tl.uint32)
+    c3 = c0 * 0 + (stream >> 32).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(DROPOUT_KEY, c0, c1, c2, c3)
     # words[c, j, i] = r_(2j + i): word w = 2j + i of counter c
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     if BITS == 32:

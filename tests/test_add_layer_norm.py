@@ -284,22 +284,73 @@ def test_property_any_shape(rows, hidden, lead, dropout):
     check_against_reference(*make_inputs(shape, torch.float32), dropout_p=dropout, keep=keep, seed=11)
 
 
-def test_dropout_refuses_cuda_graph_capture(monkeypatch):
-    """A seed drawn on the host would be baked into a captured CUDA graph (every replay dropping the same
-    elements): drawing one while a CUDA stream captures raises, for every op with dropout (they share draw_seed)."""
+def test_dropout_seed_is_a_device_tensor_from_torch_generator():
+    """Every op with dropout draws its seed with draw_seed: an int64 [1] tensor on the op's device (the kernels
+    read it there, so a CUDA graph replays with a fresh one), a value in [2^62, 2^63) (philox_seed leaves
+    it as it is, so the keep-mask helpers reproduce the kernels' draws from its value), reproducible with
+    torch.manual_seed."""
+    from fastbert.kernels.common import philox_seed
     from fastbert.ops import _common
 
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA graph"):
-        _common.draw_seed(torch.device("cuda"))
-    assert _common.draw_seed(torch.device("cpu")).shape == (1,)  # no capture on the CPU
+    torch.manual_seed(7)
+    a, b = _common.draw_seed(DEVICE), _common.draw_seed(DEVICE)
+    torch.manual_seed(7)
+    assert torch.equal(_common.draw_seed(DEVICE), a)
+    assert a.dtype == torch.int64 and a.shape == (1,) and a.device.type == DEVICE.type
+    assert int(a.item()) != int(b.item())
+    for seed in (a, b):
+        assert 2**62 <= int(seed.item()) < 2**63 and philox_seed(int(seed.item())) == int(seed.item())
+
+
+def test_dropout_reads_the_seed_tensor_at_launch(monkeypatch):
+    """The forward and the backward read the seed from the seed tensor itself (what a CUDA graph's replay relies
+    on): a seed tensor holding another value gives that value's keep-mask."""
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    shape, p = (8, 64), 0.3
+    seed = torch.tensor([2**62 + 12345], dtype=torch.int64, device=DEVICE)
+    monkeypatch.setattr("fastbert.ops._add_layer_norm.draw_seed", lambda device: seed)
+    keep = dropout_keep_mask(int(seed.item()), *shape, p, DEVICE)
+    check_against_reference(*make_inputs(shape, torch.float32), dropout_p=p, keep=keep)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_dropout_refuses_cuda_graph_capture_gpu():
-    x, r, w, b, _ = make_inputs((64, 768), torch.float16)
-    ops.add_layer_norm(x, r, w, b, dropout_p=0.1)  # warm up outside the capture
+def test_dropout_in_a_cuda_graph_draws_anew_on_each_replay_gpu(monkeypatch):
+    """add_layer_norm with dropout captured in a CUDA graph: each replay draws a new seed on the device (different
+    elements dropped) and its result and gradients match the reference with that replay's keep-mask."""
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+    from fastbert.ops import _add_layer_norm as mod
+
+    shape, p = (64, 768), 0.1
+    x, r, w, b, dy = make_inputs(shape, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    seeds = []
+    real_draw = mod.draw_seed
+    monkeypatch.setattr(mod, "draw_seed", lambda device: seeds.append(real_draw(device)) or seeds[-1])
+
+    def step():
+        y = ops.add_layer_norm(*leaves, dropout_p=p)
+        grads = torch.autograd.grad(y, leaves, dy)
+        return y, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="CUDA graph"), torch.cuda.graph(graph):
-        ops.add_layer_norm(x, r, w, b, dropout_p=0.1)
+    with torch.cuda.graph(graph):
+        y, grads = step()
+    drawn = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        drawn.append(int(seeds[-1].item()))
+        keep = dropout_keep_mask(drawn[-1], *shape, p, DEVICE)
+        ref_y, ref_grads = run(lambda *t, keep=keep: reference.add_layer_norm(*t, dropout_p=p, keep=keep),
+                               [t.double() for t in (x, r, w, b)], dy.double())  # fmt: skip
+        assert_matches_reference(y, ref_y, name="y")
+        for name, g, rg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, strict=True):
+            assert_matches_reference(g, rg, name=name)
+    assert drawn[0] != drawn[1]

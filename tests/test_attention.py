@@ -181,6 +181,50 @@ def test_dropout_matches_reference_with_kernel_mask(dtype, masked):
     check_against_reference(*make_inputs(b, h, s, d, dtype), mask=mask, dropout_p=p, keep=keep, seed=1234)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_dropout_in_a_cuda_graph_draws_anew_on_each_replay_gpu(monkeypatch, masked):
+    """Attention with dropout (forward and backward) captured in a CUDA graph: each replay draws a new seed on the
+    device and its result and gradients match the reference with that replay's keep-mask."""
+    from fastbert.kernels.attention import dropout_keep_mask
+    from fastbert.ops import _attention as mod
+
+    b, h, s, d, p = 2, 4, 200, 64, 0.2
+    q, k, v, do = make_inputs(b, h, s, d, torch.float16)
+    mask = random_mask(b, s, seed=3) if masked else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    seeds = []
+    real_draw = mod.draw_seed
+    monkeypatch.setattr(mod, "draw_seed", lambda device: seeds.append(real_draw(device)) or seeds[-1])
+
+    def step():
+        out = attention(*leaves, mask, dropout_p=p)
+        return out, torch.autograd.grad(out, leaves, do)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, grads = step()
+    drawn = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        drawn.append(int(seeds[-1].item()))
+        keep = dropout_keep_mask(drawn[-1], b, h, s, s, p, DEVICE)
+        ref = lambda *t, keep=keep: reference.attention(*t, mask, dropout_p=p, keep=keep)  # noqa: E731
+        ref_out, ref_grads = run(ref, [t.double() for t in (q, k, v)], do.double())
+        eager_out, eager_grads = run(ref, (q, k, v), do)
+        assert_matches_reference(out, ref_out, eager_out, name="out")
+        for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads, strict=True):
+            assert_matches_reference(g, rg, eg, name=name)
+    assert drawn[0] != drawn[1]
+
+
 def test_dropout_reproducible_and_keep_rate():
     from fastbert.kernels.attention import dropout_keep_mask
 

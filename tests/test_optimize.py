@@ -511,3 +511,61 @@ def test_gpu_bert_base_half_and_autocast(dtype):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_training_step_in_a_cuda_graph():
+    """A whole BertForPreTraining training step of an optimized model (forward with the fused masked-LM loss,
+    backward, AdamW) captured in one CUDA graph, as fastbert bench's fastbert+cudagraph provider does
+    (fastbert.bench._graphed_train_step). Without dropout a replay computes what the same eager step computes
+    (loss and updated parameters); with dropout each replay draws new keep-masks (different losses on the same
+    batch and weights: lr 0)."""
+    from fastbert.bench import _graphed_train_step
+
+    ids, mask = batch(B=4, S=64, lengths=(64, 40, 9, 64), vocab=300)
+
+    def setup(p, lr):
+        torch.manual_seed(0)
+        cfg = bert_config(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+        model = fastbert.optimize(transformers.BertForPreTraining(cfg).cuda().train())
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
+
+        def body(i, m):
+            labels = torch.where(m.bool(), i, torch.full_like(i, -100))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=i, attention_mask=m, labels=labels,
+                             next_sentence_label=torch.zeros(4, dtype=torch.long, device="cuda")).loss  # fmt: skip
+            loss.backward()
+            opt.step()
+            return loss
+
+        return model, opt, body
+
+    # no dropout, lr 0: a replay's loss and gradients are the eager step's (up to the bf16 GEMMs' rounding: the
+    # eager backward runs the masked-LM GEMMs over the labelled rows only, the graph over all of them)
+    model, opt, body = setup(0.0, 0.0)
+    replay, first = _graphed_train_step(body, opt, (ids, mask))
+    graphed_loss = replay(ids, mask).item()
+    graphed_grads = [p.grad.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    eager_loss = body(ids, mask).item()
+    for loss in (first, graphed_loss):
+        assert abs(loss - eager_loss) <= 1e-3 * abs(eager_loss), (loss, eager_loss)
+    for g, p in zip(graphed_grads, model.parameters(), strict=True):
+        e = p.grad.detach()
+        assert torch.isfinite(g).all() and abs(g.norm() - e.norm()) <= 0.01 * e.norm() + 1e-6
+        if e.norm() > 0:
+            assert torch.nn.functional.cosine_similarity(g.flatten().double(), e.flatten().double(), dim=0) > 0.999
+    # the optimizer step is in the graph: every replay moves the parameters
+    model, opt, body = setup(0.0, 1e-3)
+    replay, _ = _graphed_train_step(body, opt, (ids, mask))
+    before = [p.detach().clone() for p in model.parameters()]
+    replay(ids, mask)
+    torch.cuda.synchronize()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True) if p.grad.norm() > 0)
+    # dropout: fresh masks on every replay (same batch, same weights)
+    model, opt, body = setup(0.1, 0.0)
+    replay, _ = _graphed_train_step(body, opt, (ids, mask))
+    losses = [replay(ids, mask).item() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and len(set(losses)) == 3, losses

@@ -41,8 +41,8 @@ def _fwd_impl(
     seed: torch.Tensor,
     store_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, mean, rstd, s = _kernels().add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p, int(seed.item()),
-                                                     store_sum)  # fmt: skip
+    y, mean, rstd, s = _kernels().add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p,
+                                                     seed if dropout_p > 0.0 else None, store_sum)  # fmt: skip
     # Without store_sum a 1-D empty s says so (a custom op returns tensors, not None); a stored s is 2-D.
     return y, mean, rstd, (residual.new_empty((0,)) if s is None else s)
 
@@ -72,7 +72,7 @@ def _bwd_impl(
     dy = rows_view(dy, dy.shape[-1])
     # A 2-D s is the forward's stored sum: x and residual are then empty and give only the dtypes.
     dx, dresidual, dweight, dbias = _kernels().add_layer_norm_bwd(
-        dy, x, residual, weight, mean, rstd, dropout_p, int(seed.item()), s if s.dim() == 2 else None
+        dy, x, residual, weight, mean, rstd, dropout_p, seed if dropout_p > 0.0 else None, s if s.dim() == 2 else None
     )
     # Without dropout dx equals dresidual: the kernel writes it once, and an empty dx says so (a custom op may
     # not return one tensor twice).

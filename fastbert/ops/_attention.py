@@ -47,8 +47,8 @@ def _fwd_impl(
 
         B, H, S, D = q.shape
         out = empty((B, S, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
-        return _kernels().attention_fwd(q, k, v, bias, None, 0, scale, dropout_p, int(seed.item()), out=out)
-    return _kernels().attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, int(seed.item()))
+        return _kernels().attention_fwd(q, k, v, bias, None, 0, scale, dropout_p, seed, out=out)
+    return _kernels().attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
 _fwd = torch.library.custom_op("fastbert::attention_fwd", _fwd_impl, mutates_args=())
@@ -84,8 +84,7 @@ def _bwd_impl(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # do may have any strides (the kernels take all four); an expanded one (stride 0) is fine too.
-    return _kernels().attention_bwd(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p,
-                                    int(seed.item()))  # fmt: skip
+    return _kernels().attention_bwd(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
 _bwd = torch.library.custom_op("fastbert::attention_bwd", _bwd_impl, mutates_args=())

@@ -58,19 +58,14 @@ NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
-    """A dropout seed drawn from PyTorch's default CPU generator, so ``torch.manual_seed`` makes kernel dropout
-    reproducible. Kept as a CPU int64 tensor (not a Python int) so that torch.compile traces it without a graph
-    break; the ops read it on the host, which costs no device sync.
+    """A dropout seed: an int64 [1] tensor on the op's device holding a dropout seed in [2^62, 2^63), drawn from
+    PyTorch's generator of that device, so ``torch.manual_seed`` makes kernel dropout reproducible. The kernels
+    read it on the device (kernels.common.seed_arg) and the backward reuses the forward's, so no host sync.
 
-    Being drawn on the host, the seed would be baked into a CUDA graph captured around the op: every replay would
-    drop the same elements. That raises instead (dropout_p=0, e.g. eval mode, captures fine)."""
-    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fastbert: dropout inside a fused kernel cannot be captured in a CUDA graph (its seed is drawn on the "
-            "host, so every replay would drop the same elements); capture with dropout_p=0 (model.eval()), or "
-            "run this step without a CUDA graph"
-        )
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    CUDA graphs: the draw is an ordinary CUDA random op, which a graph captures as one: every replay writes a
+    new key (PyTorch advances the captured generator's offset per replay) and the kernels read it, so each
+    replay drops different elements, like dropout. torch.compile traces it as a random op too."""
+    return torch.randint(2**62, 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
