@@ -106,7 +106,8 @@ _DKDV_CONFIGS = (
     (16, 32, 8, 1, _HALF, (128,), True),
     (16, 32, 8, 1, ("fp32",), (32, 128), False),
     (16, 32, 4, 1, ("fp32",), (64,), False),
-    (32, 32, 8, 1, ("fp32",), (32, 64, 128), True),
+    (32, 32, 8, 1, ("fp32",), (32, 64), True),
+    (16, 32, 8, 1, ("fp32",), (128,), True),  # (32 x 32 spilled on sm_80 under Triton 3.6)
 )
 _DQ_CONFIGS = (
     (128, 64, 8, 2, _HALF, (64,), False),
@@ -118,7 +119,7 @@ _DQ_CONFIGS = (
     (16, 16, 4, 1, ("fp32",), (64,), False),
     (16, 16, 8, 1, ("fp32",), (64,), True),
     (16, 16, 8, 1, ("fp32",), (128,), False),
-    (16, 16, 8, 2, ("fp32",), (128,), True),  # 4 warps spilled with dropout (sm_90, seed read on the device)
+    (32, 16, 8, 1, ("fp32",), (128,), True),  # (16 x 16 spilled with the seed read on the device)
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _PREPROCESS_BLOCK_M = 64

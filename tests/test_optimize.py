@@ -527,7 +527,7 @@ def test_gpu_training_step_in_a_cuda_graph():
 
     def setup(p, lr):
         torch.manual_seed(0)
-        cfg = bert_config(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+        cfg = bert_config(hidden_dropout_prob=p, attention_probs_dropout_prob=p, max_position_embeddings=64)
         model = fastbert.optimize(transformers.BertForPreTraining(cfg).cuda().train())
         opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
 
