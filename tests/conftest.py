@@ -33,6 +33,28 @@ def run_benchmark_script(name: str, *args: str) -> str:
                           check=True).stdout  # fmt: skip
 
 
+def graph_replays(monkeypatch, ops_module, step, replays: int = 2):
+    """step() (an op's forward and backward with dropout) captured in a CUDA graph after one warm-up call on a side
+    stream (Triton compiles there), replayed ``replays`` times. ops_module's draw_seed is wrapped to remember the
+    seed tensors it draws (inside the graph: buffers each replay rewrites). Yields, after each replay, (step's
+    outputs, the value of the last seed drawn), for checks against the reference with that seed's keep-mask."""
+    seeds = []
+    real_draw = ops_module.draw_seed
+    monkeypatch.setattr(ops_module, "draw_seed", lambda device: seeds.append(real_draw(device)) or seeds[-1])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    for _ in range(replays):
+        graph.replay()
+        torch.cuda.synchronize()
+        yield outputs, int(seeds[-1].item())
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, graph_replays
 from fastbert import ops, reference
 from fastbert.ops._common import draw_seed
 from numerics import assert_matches_reference
@@ -325,32 +325,18 @@ def test_dropout_in_a_cuda_graph_draws_anew_on_each_replay_gpu(monkeypatch):
     shape, p = (64, 768), 0.1
     x, r, w, b, dy = make_inputs(shape, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
-    seeds = []
-    real_draw = mod.draw_seed
-    monkeypatch.setattr(mod, "draw_seed", lambda device: seeds.append(real_draw(device)) or seeds[-1])
 
     def step():
         y = ops.add_layer_norm(*leaves, dropout_p=p)
-        grads = torch.autograd.grad(y, leaves, dy)
-        return y, grads
+        return y, torch.autograd.grad(y, leaves, dy)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up (compiles) outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, grads = step()
     drawn = []
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        drawn.append(int(seeds[-1].item()))
-        keep = dropout_keep_mask(drawn[-1], *shape, p, DEVICE)
+    for (y, grads), seed in graph_replays(monkeypatch, mod, step):
+        drawn.append(seed)
+        keep = dropout_keep_mask(seed, *shape, p, DEVICE)
         ref_y, ref_grads = run(lambda *t, keep=keep: reference.add_layer_norm(*t, dropout_p=p, keep=keep),
                                [t.double() for t in (x, r, w, b)], dy.double())  # fmt: skip
         assert_matches_reference(y, ref_y, name="y")
         for name, g, rg in zip(("dx", "dresidual", "dweight", "dbias"), grads, ref_grads, strict=True):
             assert_matches_reference(g, rg, name=name)
-    assert drawn[0] != drawn[1]
+    assert len(drawn) == 2 and drawn[0] != drawn[1]

@@ -5,7 +5,7 @@ kernel's own keep-mask, bad input."""
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA
+from conftest import DEVICE, HAS_CUDA, graph_replays
 from fastbert import reference
 from fastbert.ops import attention, attention_varlen, pad, unpad
 from fastbert.ops._common import draw_seed
@@ -194,35 +194,22 @@ def test_dropout_in_a_cuda_graph_draws_anew_on_each_replay_gpu(monkeypatch, mask
     q, k, v, do = make_inputs(b, h, s, d, torch.float16)
     mask = random_mask(b, s, seed=3) if masked else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    seeds = []
-    real_draw = mod.draw_seed
-    monkeypatch.setattr(mod, "draw_seed", lambda device: seeds.append(real_draw(device)) or seeds[-1])
 
     def step():
         out = attention(*leaves, mask, dropout_p=p)
         return out, torch.autograd.grad(out, leaves, do)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up (compiles) outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, grads = step()
     drawn = []
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        drawn.append(int(seeds[-1].item()))
-        keep = dropout_keep_mask(drawn[-1], b, h, s, s, p, DEVICE)
+    for (out, grads), seed in graph_replays(monkeypatch, mod, step):
+        drawn.append(seed)
+        keep = dropout_keep_mask(seed, b, h, s, s, p, DEVICE)
         ref = lambda *t, keep=keep: reference.attention(*t, mask, dropout_p=p, keep=keep)  # noqa: E731
         ref_out, ref_grads = run(ref, [t.double() for t in (q, k, v)], do.double())
         eager_out, eager_grads = run(ref, (q, k, v), do)
         assert_matches_reference(out, ref_out, eager_out, name="out")
         for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads, strict=True):
             assert_matches_reference(g, rg, eg, name=name)
-    assert drawn[0] != drawn[1]
+    assert len(drawn) == 2 and drawn[0] != drawn[1]
 
 
 def test_dropout_reproducible_and_keep_rate():
