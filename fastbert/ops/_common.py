@@ -58,12 +58,12 @@ NO_SEED = torch.zeros(1, dtype=torch.int64)
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
-    """A dropout seed: an int64 [1] tensor on the op's device holding a dropout seed in [2^62, 2^63), drawn from
-    PyTorch's generator of that device, so ``torch.manual_seed`` makes kernel dropout reproducible. The kernels
-    read it on the device (kernels.common.seed_arg) and the backward reuses the forward's, so no host sync.
+    """A dropout seed: an int64 [1] tensor on the op's device holding a value in [2^62, 2^63), drawn from PyTorch's
+    generator of that device, so ``torch.manual_seed`` makes kernel dropout reproducible. The kernels read it on
+    the device (kernels.common.seed_arg) and the backward reuses the forward's, so no host sync.
 
     CUDA graphs: the draw is an ordinary CUDA random op, which a graph captures as one: every replay writes a
-    new key (PyTorch advances the captured generator's offset per replay) and the kernels read it, so each
+    new seed (PyTorch advances the captured generator's offset per replay) and the kernels read it, so each
     replay drops different elements, like dropout. torch.compile traces it as a random op too."""
     return torch.randint(2**62, 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
