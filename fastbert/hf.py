@@ -43,6 +43,7 @@ from torch import nn
 
 from fastbert import ops
 from fastbert.modules import fused_qkv, linear_after_gelu, tag_preact
+from fastbert.ops._attention import shared_key_bias
 from fastbert.ops._linear_gelu import linear_gelu_with_preact
 
 ATTN_NAME = "fastbert"
@@ -219,7 +220,9 @@ def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_st
         and not _capturing("attentions")
     )
     if not packable:
-        return base(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, **kwargs)
+        # The layers then get the padding mask itself: its key bias is made once for all of them.
+        with shared_key_bias():
+            return base(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
     B, S = attention_mask.shape

@@ -86,6 +86,33 @@ def test_cross_lengths_and_mask_patterns():
     check_against_reference(q, k, v, do, mask=mask)
 
 
+def test_shared_key_bias_is_made_once_per_mask_within_its_context(monkeypatch):
+    """Inside shared_key_bias (one model forward), calls given the same unchanged mask object share one key bias;
+    a mask modified in place, another mask object, or a call outside the context makes its own."""
+    from fastbert.kernels import attention as kernels
+    from fastbert.ops._attention import shared_key_bias
+
+    made = []
+    real = kernels.key_bias
+    monkeypatch.setattr(kernels, "key_bias", lambda mask, seq_k: made.append(seq_k) or real(mask, seq_k))
+    q, k, v, _ = make_inputs(2, 2, 17, 32, torch.float32)
+    mask = random_mask(2, 17, lengths=[17, 9])
+    expected = attention(q, k, v, mask)
+    assert len(made) == 1
+    with shared_key_bias():
+        for _ in range(3):
+            torch.testing.assert_close(attention(q, k, v, mask), expected, rtol=0, atol=0)
+        assert len(made) == 2
+        mask[1, 5:] = False  # in place: the version changes, so the bias is made anew
+        changed = attention(q, k, v, mask)
+        assert len(made) == 3
+        torch.testing.assert_close(changed, reference.attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+        attention(q, k, v, mask.clone())  # another object
+        assert len(made) == 4
+    attention(q, k, v, mask)
+    assert len(made) == 5
+
+
 def test_fully_masked_row_gives_zeros_and_zero_grads():
     q, k, v, do = make_inputs(2, 2, 17, 32, torch.float32)
     mask = random_mask(2, 17, lengths=[5, 17])

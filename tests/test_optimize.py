@@ -63,6 +63,27 @@ def test_bert_model_padded_and_full():
             assert (a.last_hidden_state[~valid] == 0).all()
 
 
+def test_padded_encoder_makes_the_key_bias_once_per_forward(monkeypatch):
+    """When the encoder runs padded (here: hidden states recorded; also under CUDA-graph capture), its layers share
+    one key bias made from the mask (not one a layer), and the outputs match transformers'."""
+    from fastbert import hf
+    from fastbert.kernels import attention as kernels
+
+    ref, fast = pair(transformers.BertModel, bert_config())
+    made = []
+    real = kernels.key_bias
+    monkeypatch.setattr(kernels, "key_bias", lambda mask, seq_k: made.append(seq_k) or real(mask, seq_k))
+    monkeypatch.setattr(hf, "_capturing", lambda kind: kind == "hidden_states")
+    ids, mask = batch(lengths=(12, 7, 1))
+    valid = mask.bool()
+    for _ in range(2):
+        with torch.no_grad():
+            a = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+            b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+    assert made == [12, 12]  # once per forward, for both layers
+
+
 def test_pretraining_loss_and_gradients_match():
     """BertForPreTraining (MLM + NSP) in training mode (dropout 0 so the two runs compare): loss and every
     parameter gradient."""

@@ -3,6 +3,9 @@ ops around fastbert.kernels.attention."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from fastbert import reference
@@ -171,6 +174,37 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> 
         raise ValueError(f"max_seqlen {max_seqlen} is below the longest sequence ({max(lengths)})")
 
 
+_MEMO = threading.local()
+
+
+@contextlib.contextmanager
+def shared_key_bias():
+    """Within this context (one model forward: fastbert's encoder enters it around its layers), attention calls
+    given the same mask tensor, unchanged, share one key bias: a model hands one mask object to every layer, so
+    the bias is made once instead of once a layer (two small kernels less a layer, of the ~11 a layer launches in
+    a CUDA graph, where the encoder always runs the padded path). Scoped to the context,
+    so a bias made in one capture or call is never read by another (whose mask may hold other values by then)."""
+    previous = getattr(_MEMO, "biases", None)
+    _MEMO.biases = {}
+    try:
+        yield
+    finally:
+        _MEMO.biases = previous
+
+
+def _key_bias(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
+    biases = getattr(_MEMO, "biases", None)
+    if biases is None or torch.compiler.is_compiling():
+        return _kernels().key_bias(mask, seq_k)
+    hit = biases.get((id(mask), seq_k))
+    # (the entry holds the mask itself: its id cannot pass to another tensor while the entry lives)
+    if hit is not None and hit[0] is mask and hit[1] == mask._version:
+        return hit[2]
+    bias = _kernels().key_bias(mask, seq_k)
+    biases[(id(mask), seq_k)] = (mask, mask._version, bias)
+    return bias
+
+
 # ----------------------------------------------------------------------------------------------- public ops
 def attention(
     q: torch.Tensor,
@@ -211,7 +245,7 @@ def attention(
     if not use_triton(q):
         return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=scale)
     # The padding mask as the kernels' fp32 key bias (0 / -inf, whole blocks): made once, shared by the backward.
-    bias = None if attention_mask is None else _kernels().key_bias(attention_mask, k.shape[2])
+    bias = None if attention_mask is None else _key_bias(attention_mask, k.shape[2])
     out, _ = call(_fwd, _eager, q, k, v, bias, None, 0, scale, dropout_p, _seed(dropout_p, q.device))
     return out
 
