@@ -4,8 +4,9 @@ the [seq_q, seq_k] score matrix.
 One kernel family serves two layouts:
 - padded: q, k, v [batch, heads, seq, head_dim] with arbitrary strides (transformers' transposed views are read
   in place), plus an optional key-padding mask given as a key bias (key_bias(): fp32 [batch, seq_k rounded up to
-  KEY_BIAS_BLOCK], 0 = attend, -inf = masked or past seq_k), read once per key block, so any mask works (left or
-  right padding, holes);
+  KEY_BIAS_BLOCK, plus a block], 0 = attend, -inf = masked or past seq_k), read once per key block, so any mask
+  works (left or right padding, holes); each row's last element counts its leading attended keys, whose whole
+  blocks run without the bias, like an unmasked row's;
 - varlen: packed q, k, v [total_tokens, heads, head_dim] with cu_seqlens [batch + 1] (int32); sequence b holds
   tokens cu_seqlens[b]:cu_seqlens[b + 1]. The grid covers cdiv(max_seqlen, BLOCK_M) query blocks per (batch,
   head); programs past their sequence's end exit at once.
@@ -223,6 +224,16 @@ def _key_bias(bias_row_ptr, offs_n, n_ok, has_mask):
 
 
 @triton.jit
+def _attended_prefix(bias_row_ptr, stride_bias_b, len_k, has_mask):
+    """How many leading keys of this row are all attended, so that their whole blocks can run without the key
+    bias: len_k without a padding mask; with one, the count key_bias() keeps in the bias row's last element
+    (capped at len_k). A full row of a mask (a CUDA graph always passes the mask) then runs as if unmasked, and
+    a right-padded one runs unmasked up to its length's last whole block."""
+    counted = tl.load(bias_row_ptr + stride_bias_b - 1, mask=has_mask != 0, other=0.0)
+    return tl.where(has_mask != 0, tl.minimum(counted.to(tl.int32), len_k), len_k)
+
+
+@triton.jit
 def _fwd_blocks(
     acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, rows, offs_d, d_ok, start, lo, hi, len_k,
     stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold, dropout_scale, seed, seq_k,
@@ -332,8 +343,8 @@ def _attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # Key blocks that need no masking (whole blocks, no padding mask) first, then the rest: the unmasked loop
     # spends one fma per score on scale and max, the masked one also adds the key bias (see _fwd_blocks).
-    n_full = tl.where(has_mask != 0, 0, (len_k // BLOCK_N) * BLOCK_N)
     bias_row_ptr = bias_ptr + b.to(tl.int64) * stride_bias_b
+    n_full = (_attended_prefix(bias_row_ptr, stride_bias_b, len_k, has_mask) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, rows, offs_d, d_ok, start, 0,
                                 n_full, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask,
                                 dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
@@ -489,7 +500,8 @@ def _attention_bwd_dkdv_kernel(
     # mask (one fma per score for p); the rest, including the last, partial query block, take both (see
     # _dkdv_blocks). A third loop for whole query blocks under a key bias spilled on sm_80 (Triton 3.6), and
     # choosing between the loops with an if/else made ptxas serialise the warp-group MMAs (the compile gate checks).
-    m_plain = tl.where((has_mask == 0) & (start_n + BLOCK_N <= len_k), (len_q // BLOCK_M) * BLOCK_M, 0)
+    prefix = _attended_prefix(bias_ptr + b64 * stride_bias_b, stride_bias_b, len_k, has_mask)
+    m_plain = tl.where(start_n + BLOCK_N <= prefix, (len_q // BLOCK_M) * BLOCK_M, 0)
     dk, dv = _dkdv_blocks(dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start,
                           start_n, 0, m_plain, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
                           dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
@@ -590,8 +602,8 @@ def _attention_bwd_dq_kernel(
     v_base = v_ptr + b64 * stride_vb + h64 * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # Whole key blocks without a padding mask first (no key bias), then the rest, as in the forward.
-    n_full = tl.where(has_mask != 0, 0, (len_k // BLOCK_N) * BLOCK_N)
     bias_row_ptr = bias_ptr + b64 * stride_bias_b
+    n_full = (_attended_prefix(bias_row_ptr, stride_bias_b, len_k, has_mask) // BLOCK_N) * BLOCK_N
     dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, 0, n_full,
                     len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
                     dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, False)  # fmt: skip
@@ -669,11 +681,12 @@ class _Layout:
         self.has_mask = bias is not None
         if bias is not None:
             ok = bias.dtype == torch.float32 and bias.dim() == 2 and bias.shape[0] == self.batch
-            ok = ok and bias.stride(-1) == 1 and bias.shape[1] % KEY_BIAS_BLOCK == 0 and bias.shape[1] >= self.seq_k
-            if not ok:  # the kernels read whole blocks of it without bounds checks
+            ok = ok and bias.is_contiguous() and bias.shape[1] % KEY_BIAS_BLOCK == 0
+            ok = ok and bias.shape[1] >= cdiv(max(self.seq_k, 1), KEY_BIAS_BLOCK) * KEY_BIAS_BLOCK + KEY_BIAS_BLOCK
+            if not ok:  # the kernels read whole blocks of it without bounds checks, and its rows' last elements
                 got = f"{bias.dtype} {tuple(bias.shape)}"
                 raise ValueError("attention: the key bias must come from key_bias() (fp32 [batch, seq_k rounded up "
-                                 f"to {KEY_BIAS_BLOCK}], unit stride), got {got}")  # fmt: skip
+                                 f"to {KEY_BIAS_BLOCK}, plus {KEY_BIAS_BLOCK}], contiguous), got {got}")  # fmt: skip
         self.bias = aligned_base(bias) if bias is not None else placeholder(q.device, torch.float32).view(1, 1)
         self.block_d = max(32, next_power_of_2(self.head_dim))
         self.even_d = self.block_d == self.head_dim
@@ -696,11 +709,15 @@ assert all(entry[1] <= KEY_BIAS_BLOCK and KEY_BIAS_BLOCK % entry[1] == 0
 
 def key_bias(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
     """The kernels' form of a [batch, seq_k] key-padding mask (nonzero / True = attend): fp32 [batch, seq_k
-    rounded up to KEY_BIAS_BLOCK], 0.0 where attended, -inf where masked and past seq_k. Made once per call and
-    shared by the forward and the backward."""
+    rounded up to KEY_BIAS_BLOCK, plus one block], 0.0 where attended, -inf where masked and past seq_k; the
+    row's last element holds how many leading keys are all attended (the kernels run those whole blocks without
+    the bias: _attended_prefix). Made once per call and shared by the forward and the backward."""
     padded = cdiv(max(seq_k, 1), KEY_BIAS_BLOCK) * KEY_BIAS_BLOCK
-    bias = torch.full((mask.shape[0], padded), float("-inf"), device=mask.device, dtype=torch.float32)
-    bias[:, :seq_k].masked_fill_(mask != 0, 0.0)
+    bias = torch.full((mask.shape[0], padded + KEY_BIAS_BLOCK), float("-inf"), device=mask.device,
+                      dtype=torch.float32)  # fmt: skip
+    attend = mask != 0
+    bias[:, :seq_k].masked_fill_(attend, 0.0)
+    bias[:, -1] = attend.to(torch.int32).cumprod(dim=1).sum(dim=1)  # exact in fp32 up to 2^24 keys
     return bias
 
 

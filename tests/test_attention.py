@@ -86,6 +86,25 @@ def test_cross_lengths_and_mask_patterns():
     check_against_reference(q, k, v, do, mask=mask)
 
 
+@pytest.mark.parametrize("prefix", [0, 1, 31, 32, 33, 64, 70, 100])
+def test_mask_with_an_attended_prefix_then_holes(prefix):
+    """The kernels run the key blocks inside a mask row's attended prefix (key_bias() counts it) without the bias,
+    and the rest with it: prefixes ending before, on and after the interpreter's 32-key block boundaries, then
+    holes (masked keys among attended ones), against the reference; also the count itself."""
+    from fastbert.kernels.attention import key_bias
+
+    b, h, s, d = 2, 2, 100, 32
+    g = torch.Generator().manual_seed(prefix)
+    mask = torch.ones(b, s, dtype=torch.bool)
+    if prefix < s:
+        mask[:, prefix] = False
+        mask[:, prefix + 1 :] = torch.rand(b, s - prefix - 1, generator=g) < 0.6
+    mask[1] = True  # a full row beside it
+    mask = mask.to(DEVICE)
+    assert key_bias(mask, s)[:, -1].tolist() == [float(prefix), float(s)]
+    check_against_reference(*make_inputs(b, h, s, d, torch.float32, seed=prefix), mask=mask)
+
+
 def test_shared_key_bias_is_made_once_per_mask_within_its_context(monkeypatch):
     """Inside shared_key_bias (one model forward), calls given the same unchanged mask object share one key bias;
     a mask modified in place, another mask object, or a call outside the context makes its own."""
