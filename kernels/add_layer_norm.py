@@ -48,9 +48,11 @@ from fastbert.kernels.common import (
     dropout_keep,
     dropout_threshold,
     empty,
+    load_seed,
     next_power_of_2,
     num_programs_for,
     philox_seed,
+    placeholder,
     pointer_args,
     seed_arg,
 )
@@ -145,7 +147,7 @@ def _add_layer_norm_fwd_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+        keep = dropout_keep(load_seed(seed_ptr, HAS_DROPOUT), rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
         x = tl.where(keep, x * dropout_scale, 0.0)
     s = x + r.to(tl.float32)
     if STORE_SUM:
@@ -200,10 +202,7 @@ def _add_layer_norm_bwd_kernel(
     stride_x_row = _multiple_of_16(stride_x_row, ALIGNED)
     stride_residual_row = _multiple_of_16(stride_residual_row, ALIGNED)
     pid = tl.program_id(0)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)  # the dropout seed (common.seed_arg)
-    else:
-        seed = 0
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -348,8 +347,8 @@ def add_layer_norm_bwd(
         dy, x, residual, weight = (aligned_base(t) for t in (dy, x, residual, weight))
         aligned = _is_aligned(N, dy, x, residual)
     else:
-        # x and residual are not read: only their dtypes matter (the gate's), so empty tensors stand in for them
-        x, residual = (empty((0,), device=t.device, dtype=t.dtype) for t in (x, residual))
+        # x and residual are not read: only their dtypes matter (the gate's), so placeholders stand in for them
+        x, residual = (placeholder(t.device, t.dtype) for t in (x, residual))
         dy, s, weight = (aligned_base(t) for t in (dy, s, weight))
         aligned = _is_aligned(N, dy, s)
     # Without dropout dx is not written; x stands in for it, so that the pointer keeps x's dtype (the gate's).

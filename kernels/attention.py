@@ -62,6 +62,7 @@ from fastbert.kernels.common import (
     dropout_threshold,
     empty,
     interpreting,
+    load_seed,
     next_power_of_2,
     philox_seed,
     placeholder,
@@ -199,16 +200,6 @@ def _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen):
 
 
 @triton.jit
-def _load_seed(seed_ptr, HAS_DROPOUT: tl.constexpr):
-    """The dropout seed, read from the device (common.seed_arg); 0 (unused) without dropout."""
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
-    return seed
-
-
-@triton.jit
 def _key_bias(bias_row_ptr, offs_n, n_ok, has_mask):
     """0.0 for each key that may be attended, -inf for the others, added to the scores (inside one fma with the
     scale) instead of a select: a select needs a predicate per key column held across the softmax, more than the
@@ -317,7 +308,7 @@ def _attention_fwd_kernel(
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_m * BLOCK_M >= len_q:
         return
-    seed = _load_seed(seed_ptr, HAS_DROPOUT)
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
@@ -475,7 +466,7 @@ def _attention_bwd_dkdv_kernel(
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_n * BLOCK_N >= len_k:
         return
-    seed = _load_seed(seed_ptr, HAS_DROPOUT)
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -581,7 +572,7 @@ def _attention_bwd_dq_kernel(
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_m * BLOCK_M >= len_q:
         return
-    seed = _load_seed(seed_ptr, HAS_DROPOUT)
+    seed = load_seed(seed_ptr, HAS_DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

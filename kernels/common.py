@@ -114,6 +114,16 @@ def seed_arg(seed, device):
     return seed
 
 
+@triton.jit
+def load_seed(seed_ptr, HAS_DROPOUT: tl.constexpr):
+    """A kernel's dropout seed, read from the device (seed_arg); 0 (unused) without dropout."""
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+    return seed
+
+
 def philox_seed(seed: int) -> int:
     """The value the kernels get for a dropout seed (dropout_keep's stream): seed mod 2^62, plus 2^62. Always in
     [2^62, 2^63), so Triton types it int64 on every launch (a small seed would otherwise compile an int32 variant

@@ -46,6 +46,24 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
+def check_linear(x, weight, bias, autocast: bool, out_name: str, in_name: str) -> tuple[int, int]:
+    """The shape and dtype checks of ``F.linear(x, weight, bias)`` with weight in nn.Linear layout
+    [out_name, in_name] (the names the messages use); x, weight and bias must share a dtype unless autocast casts
+    them. Returns (out, in)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [{out_name}, {in_name}], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must equal weight's {in_name} {k}: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},) for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
+    if len(dtypes) > 1 and not autocast:
+        raise ValueError(f"x, weight and bias must have one dtype, got {', '.join(map(str, dtypes))}")
+    return n, k
+
+
 def check_dropout_p(p: float) -> float:
     p = float(p)
     if not 0.0 <= p < 1.0:

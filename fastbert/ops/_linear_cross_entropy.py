@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from fastbert import reference
-from fastbert.ops._common import autocast_dtype, call, check_float, check_same_device, eager_function, use_triton
+from fastbert.ops._common import (
+    autocast_dtype,
+    call,
+    check_float,
+    check_linear,
+    check_same_device,
+    eager_function,
+    use_triton,
+)
 
 # Kept here (not imported from the kernel module) so that importing fastbert never imports Triton.
 VOCAB_ALIGN = 64
@@ -137,23 +145,15 @@ def _validate(x, weight, bias, labels, autocast: bool) -> None:
         if name != "labels":
             check_float(name, t)
     check_same_device(x=x, weight=weight, bias=bias, labels=labels)
-    if weight.dim() != 2 or 0 in weight.shape:
-        raise ValueError(f"weight must be 2-D [vocab, hidden], neither empty, got shape {tuple(weight.shape)}")
-    v, h = weight.shape
-    if x.dim() == 0 or x.shape[-1] != h:
-        raise ValueError(f"x's last dimension must equal weight's hidden size {h}: x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")  # fmt: skip
-    if bias is not None and bias.shape != (v,):
-        raise ValueError(f"bias must have shape ({v},) for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    _, h = check_linear(x, weight, bias, autocast, "vocab", "hidden size")
+    if 0 in weight.shape:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integers (class indices), got {labels.dtype}")
     rows = x.numel() // h
     if labels.numel() != rows:
         raise ValueError(f"labels must hold one class index per row of x: x {tuple(x.shape)} has {rows} rows, "
                          f"labels {tuple(labels.shape)}")  # fmt: skip
-    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
-    if len(dtypes) > 1 and not autocast:
-        raise ValueError(f"x, weight and bias must have one dtype, got {', '.join(map(str, dtypes))}")
 
 
 def linear_cross_entropy(

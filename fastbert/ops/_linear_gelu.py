@@ -11,6 +11,7 @@ from fastbert.ops._common import (
     autocast_dtype,
     call,
     check_float,
+    check_linear,
     check_same_device,
     eager_function,
     rows_view,
@@ -100,19 +101,9 @@ def _validate(x, weight, bias, approximate, autocast: bool) -> None:
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     check_same_device(x=x, weight=weight, bias=bias)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x's last dimension must equal weight's in_features {k}: x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")  # fmt: skip
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},) for weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    n, k = check_linear(x, weight, bias, autocast, "out_features", "in_features")
     if k % 8 or n % 8:
         raise ValueError(f"in_features and out_features must be multiples of 8, got weight {tuple(weight.shape)}")
-    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
-    if len(dtypes) > 1 and not autocast:
-        raise ValueError(f"x, weight and bias must have one dtype, got {', '.join(map(str, dtypes))}")
 
 
 def linear_gelu(
