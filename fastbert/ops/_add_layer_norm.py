@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from fastbert import reference
 from fastbert.ops._common import (
-    NO_SEED,
     call,
     check_dropout_p,
     check_float,
@@ -38,7 +37,7 @@ def _fwd_impl(
     bias: torch.Tensor,
     eps: float,
     dropout_p: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
     store_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     y, mean, rstd, s = _kernels().add_layer_norm_fwd(x, residual, weight, bias, eps, dropout_p,
@@ -66,7 +65,7 @@ def _bwd_impl(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     dropout_p: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # The incoming gradient may have any strides (even an expanded one): the kernel needs unit column stride.
     dy = rows_view(dy, dy.shape[-1])
@@ -180,7 +179,7 @@ def add_layer_norm(
     if dropout_p > 0.0 and n > MAX_HIDDEN_DROPOUT:
         # Documented fallback: the fused backward would spill with the mask live at this width.
         x2, dropout_p = F.dropout(x2, dropout_p), 0.0
-    seed = draw_seed(x.device) if dropout_p > 0.0 else NO_SEED
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
     # Autocast's half x and fp32 residual: in training the forward also stores s = dropout(x) + residual, which
     # the backward reads instead of keeping both (less memory: see kernels/add_layer_norm.py).
     store_sum = (

@@ -10,7 +10,6 @@ import torch
 
 from fastbert import reference
 from fastbert.ops._common import (
-    NO_SEED,
     call,
     check_dropout_p,
     check_float,
@@ -42,7 +41,7 @@ def _fwd_impl(
     max_seqlen: int,
     scale: float,
     dropout_p: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if cu_seqlens is None:
         # [B, S, H, D] storage returned as a [B, H, S, D] view: out.transpose(1, 2).reshape(B, S, H·D) is free.
@@ -84,7 +83,7 @@ def _bwd_impl(
     max_seqlen: int,
     scale: float,
     dropout_p: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # do may have any strides (the kernels take all four); an expanded one (stride 0) is fine too.
     return _kernels().attention_bwd(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed)
@@ -158,8 +157,8 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _seed(dropout_p: float, device: torch.device) -> torch.Tensor:
-    return draw_seed(device) if dropout_p > 0.0 else NO_SEED
+def _seed(dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    return draw_seed(device) if dropout_p > 0.0 else None
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:

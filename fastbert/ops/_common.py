@@ -71,10 +71,6 @@ def check_dropout_p(p: float) -> float:
     return p
 
 
-# The seed argument of an op without dropout (never read): one shared tensor, not a new one per call.
-NO_SEED = torch.zeros(1, dtype=torch.int64)
-
-
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A dropout seed: an int64 [1] tensor on the op's device holding a value in [2^62, 2^63), drawn from PyTorch's
     generator of that device, so ``torch.manual_seed`` makes kernel dropout reproducible. The kernels read it on
