@@ -176,7 +176,8 @@ def sweep_attention_bwd() -> None:
             runs += [("dkdv", dkdv, c, True) for c in DROPOUT_DKDV_CANDIDATES]
             runs += [("dq", dq, c, True) for c in DROPOUT_DQ_CANDIDATES]
         for name, kern, (bm, bn, nw, ns), drop in runs:
-            flags = lay.flags(0.1 if drop else 0.0, 0)
+            p = 0.1 if drop else 0.0
+            flags = lay.flags(p, _dropout_args(at, p)[2], q.device)
 
             def run(bm=bm, bn=bn, nw=nw, ns=ns, name=name, kern=kern, flags=flags, drop=drop):
                 if name == "dkdv":

@@ -320,14 +320,10 @@ def _attention_fwd_kernel(
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     q = tl.load(q_base + tok_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-    # lse index doubles as the dropout row id (see the module docstring)
+    # lse index doubles as the dropout row id (see the module docstring). Without dropout this is dead code: the
+    # lse store computes it anew after the loops (held across them, even its scalar part cost 7 registers a thread
+    # in the fp16 head_dim 64 variant, past the 128 that let two blocks share an SM)
     rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
-
-    if qk_scale < 0:
-        # The unmasked blocks take the row max of unscaled scores, which needs a non-negative scale; negating q
-        # is exact.
-        q = -q
-        qk_scale = -qk_scale
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -336,6 +332,10 @@ def _attention_fwd_kernel(
     # spends one fma per score on scale and max, the masked one also adds the key bias (see _fwd_blocks).
     bias_row_ptr = bias_ptr + b.to(tl.int64) * stride_bias_b
     n_full = (_attended_prefix(bias_row_ptr, stride_bias_b, len_k, has_mask) // BLOCK_N) * BLOCK_N
+    # The unmasked loop takes the row max of unscaled scores, which needs a non-negative scale: a negative one
+    # (legal, never seen in a model) runs every block in the masked loop instead. Negating q for it instead, a
+    # branch over the q tile, cost 9-18 registers a thread in every variant (the compile gate's counts).
+    n_full = tl.where(qk_scale < 0, 0, n_full)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, bias_row_ptr, rows, offs_d, d_ok, start, 0,
                                 n_full, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask,
                                 dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
@@ -351,7 +351,9 @@ def _attention_fwd_kernel(
     tl.store(o_base + tok_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(o_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
     lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
-    tl.store(lse_ptr + rows, lse, mask=m_ok)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
+    tl.store(lse_ptr + rows, lse, mask=offs_m < len_q)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ARGS)
@@ -876,6 +878,23 @@ def _expect_wgmma(kind: str, dtype: str, bm: int, bn: int) -> bool:
     return dtype != "fp32" and (bn if kind == "dkdv" else bm) >= 64
 
 
+def _register_budget(kind: str, dtype: str, block_d: int, dropout: bool) -> int | None:
+    """The sm_90 register budget a case is held to (GateCase.max_registers_sm90): 128 a thread, so that two
+    blocks of 8 warps share an SM, for the 16-bit forward without dropout (and with it at head_dim 128) and for
+    dq without dropout at head_dim 32 and 64. With one block an SM, the forward's two warp groups run their MMAs
+    and their softmax roughly in step, with nothing to fill the tensor cores meanwhile (the fp16 head_dim 64
+    forward took 139-142 registers, one block an SM, when it measured 148 TFLOP/s on the H100 on 2026-11-25,
+    against cuDNN's 354). The other cases hold more state (dk/dv's two accumulators, dropout's Philox) and get
+    no budget."""
+    if dtype == "fp32" or kind == "dkdv":
+        return None
+    if kind == "fwd" and (not dropout or block_d == 128):
+        return 128
+    if kind == "dq" and not dropout and block_d <= 64:
+        return 128
+    return None
+
+
 def _even_d_values(block_d: int) -> tuple[bool, ...]:
     """head_dim 32, 64 and 128 fill their block (EVEN_D); 80 and 96 run masked in the 128 block."""
     return (True, False) if block_d == 128 else (True,)
@@ -907,6 +926,7 @@ def gate_cases() -> list[GateCase]:
                             _signature(sig, dtype), constexprs, nw, ns,
                             expect_wgmma_sm90=_expect_wgmma(kind, dtype, bm, bn),
                             divisible=_divisible(sig), vector_loads=dtype != "fp32",
+                            max_registers_sm90=_register_budget(kind, dtype, block_d, drop),
                         ))  # fmt: skip
                 cases.append(GateCase(
                     f"attention_bwd_preprocess-{dtype}-{d_tag}", _attention_bwd_preprocess_kernel,

@@ -200,6 +200,9 @@ class GateCase:
     # Require that no global load moves a lone 16-bit element (ld.global.b16 in the PTX): the 16-bit tiles of
     # this kernel must load vectors (cp.async or ld.global.v*), not element by element.
     vector_loads: bool = False
+    # On sm_90, at most this many registers a thread: the occupancy a config was chosen for (two blocks of 8 warps
+    # share an SM's 64K registers at 128 or fewer). Crossing it compiles and runs, only slower, so the gate says so.
+    max_registers_sm90: int | None = None
 
 
 TORCH_TO_TRITON = {

@@ -1,8 +1,9 @@
 """GPU compile gate: every Triton kernel of fastbert, in every configuration its launchers may pick, compiled for
 sm_80 and sm_90 on this machine (no GPU needed: ptxas runs on the CPU). Fails on a compile error, on shared
 memory above the target's limit, on a register spill, on a 16-bit GEMM that does not use warp-group MMA on
-sm_90, on warp-group MMAs that ptxas serialises (one wait after each: no overlap), and on 16-bit tiles loaded
-element by element where a case promises 16-byte loads. Each case compiles with the divisibility Triton's
+sm_90, on warp-group MMAs that ptxas serialises (one wait after each: no overlap), on 16-bit tiles loaded
+element by element where a case promises 16-byte loads, and on more registers a thread than a case's sm_90
+budget (the occupancy its config was chosen for). Each case compiles with the divisibility Triton's
 launcher specialises at run time (tests/test_launch_spec.py checks that real launches match), so what the gate
 checks is what runs.
 
@@ -55,6 +56,10 @@ def test_compiles_for_gpu(results, case, arch):
     if arch == 90 and case.expect_wgmma_sm90:
         assert r["wgmma"], "expected warp-group MMA (wgmma) in the sm_90 TTGIR"
     assert not r["wgmma_serialized"], f"ptxas serialises the warp-group MMAs: {r['wgmma_serialized']}"
+    if arch == 90 and case.max_registers_sm90 is not None:
+        assert r["registers"] <= case.max_registers_sm90, (
+            f"{r['registers']} registers a thread, above the {case.max_registers_sm90} this config's occupancy needs"
+        )
     if case.vector_loads:
         assert r["narrow_loads"] == 0, f"{r['narrow_loads']} 2-byte loads / small cp.async copies in the PTX"
 
