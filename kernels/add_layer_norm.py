@@ -147,7 +147,7 @@ def _add_layer_norm_fwd_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(load_seed(seed_ptr, HAS_DROPOUT), rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+        keep = dropout_keep(load_seed(seed_ptr, HAS_DROPOUT), rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N)
         x = tl.where(keep, x * dropout_scale, 0.0)
     s = x + r.to(tl.float32)
     if STORE_SUM:
@@ -218,13 +218,13 @@ def _add_layer_norm_bwd_kernel(
         if SAVED_SUM:
             s = tl.load(s_ptr + rows64[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+                keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N)
         else:
             x = tl.load(x_ptr + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0)
             x = x.to(tl.float32)
             r = tl.load(residual_ptr + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask, other=0.0)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+                keep = dropout_keep(seed, rows, N, 0, dropout_threshold, BLOCK_M, BLOCK_N)
                 x = tl.where(keep, x * dropout_scale, 0.0)
             s = x + r.to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
@@ -274,7 +274,7 @@ def _add_layer_norm_keep_mask_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    keep = dropout_keep(seed, rows, N, tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N, 32)
+    keep = dropout_keep(seed, rows, N, tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N)
     tl.store(keep_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], keep.to(tl.int8), mask=mask)
 
 

@@ -29,9 +29,15 @@ Backward (recomputes p from lse instead of storing it), with delta = rowsum(dout
     dv = dropout(p)ᵀ dout,   dp = dropout'(dout vᵀ),   ds = p · (dp - delta),   dk = dsᵀ q · scale,   dq = ds k · scale
 
 dk/dv come from one kernel looping over query blocks for a key block, dq from another looping over key blocks:
-no atomics, deterministic gradients. Dropout (Philox, common.dropout_keep) is regenerated in the backward; row id
+no atomics, deterministic gradients. Dropout (Philox, _dropout_keep) is regenerated in the backward; row id
 of query i of (b, h) is ``(b·heads + h)·seq_q + i`` padded and ``h·total_tokens + token`` varlen (the index of
-its lse); rows are seq_k long (seq_k = max_seqlen for varlen).
+its lse); rows are seq_k long (seq_k = max_seqlen for varlen). Element (row, col) of the mask keeps iff the
+16-bit half ``col % 2`` (low, high) of word ``(col % 32) // 8`` of the Philox-4x32-10 evaluation at counter
+``row · 4·cdiv(seq_k, 32) + 4·(col // 32) + (col % 8) // 2`` (64-bit, the seed in the upper 64 bits of the
+counter, key common.DROPOUT_KEY) is at least the threshold. That order follows the MMA accumulators: a thread
+holds columns 2t, 2t + 1, 2t + 8, ... of its rows, so one evaluation's eight draws are one thread's eight
+elements of a row in a 32-key block, and the forward and dq apply the mask where it is drawn (dk/dv, whose tile
+is transposed, moves it between threads).
 
 Memory: eager attention writes and reads the [B, H, S, S] scores and probabilities several times (fwd + bwd);
 this reads q, k, v once per query/key block and stores out and lse (O(S) per head).
@@ -58,20 +64,20 @@ from fastbert.kernels.common import (
     GateCase,
     aligned_base,
     cdiv,
-    dropout_keep,
     dropout_threshold,
     empty,
     interpreting,
     load_seed,
     next_power_of_2,
     philox_seed,
+    philox_words,
     placeholder,
     seed_arg,
 )
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
-# Width of each dropout draw (common.dropout_keep): 16-bit draws, eight per Philox evaluation, so that dropout
+# Width of each dropout draw (_dropout_keep): 16-bit draws, eight per Philox evaluation, so that dropout
 # costs the issue-bound loops half the Philox work of 32-bit ones; p is then honoured to within 2^-17.
 DROPOUT_BITS = tl.constexpr(16)
 
@@ -90,10 +96,8 @@ _HALF = ("fp16", "bf16")
 _FWD_CONFIGS = (
     (128, 64, 8, 3, _HALF, (32,), False),
     (128, 64, 8, 2, _HALF, (64,), False),
-    (128, 64, 8, 2, _HALF, (32,), True),
-    (128, 32, 8, 2, _HALF, (64,), True),
-    (128, 32, 8, 1, _HALF, (128,), False),
-    (64, 32, 8, 1, _HALF, (128,), True),
+    (128, 32, 8, 2, _HALF, (32, 64), True),  # (128 x 64 spilled on sm_80 at head_dim 32)
+    (128, 32, 8, 1, _HALF, (128,)),  # (with dropout, 64 x 32 spilled on sm_80 and took ~1.9x the instructions a score)
     (32, 32, 4, 1, ("fp32",), (32,), False),
     (16, 32, 4, 1, ("fp32",), (32,), True),
     (32, 32, 8, 1, ("fp32",), (64,)),
@@ -105,7 +109,7 @@ _FWD_CONFIGS = (
 _DKDV_CONFIGS = (
     (32, 128, 8, 2, _HALF, (32, 64)),
     (16, 64, 8, 1, _HALF, (128,), False),
-    (16, 32, 8, 1, _HALF, (128,), True),
+    (32, 32, 8, 1, _HALF, (128,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
     (16, 32, 8, 1, ("fp32",), (32, 128), False),
     (16, 32, 4, 1, ("fp32",), (64,), False),
     (32, 32, 8, 1, ("fp32",), (32, 64), True),
@@ -117,11 +121,11 @@ _DQ_CONFIGS = (
     (128, 32, 8, 2, _HALF, (32, 64), True),
     (32, 64, 8, 1, _HALF, (128,)),
     (32, 32, 4, 1, ("fp32",), (32,), False),
-    (32, 32, 8, 1, ("fp32",), (32,), True),
+    (16, 32, 4, 1, ("fp32",), (32,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
     (16, 16, 4, 1, ("fp32",), (64,), False),
-    (16, 16, 8, 1, ("fp32",), (64,), True),
+    (16, 32, 8, 2, ("fp32",), (64,), True),  # (1 stage spilled on sm_80 under Triton 3.6)
     (16, 16, 8, 1, ("fp32",), (128,), False),
-    (32, 16, 8, 1, ("fp32",), (128,), True),  # (16 x 16 spilled with the seed read on the device)
+    (16, 32, 8, 1, ("fp32",), (128,), True),
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _PREPROCESS_BLOCK_M = 64
@@ -163,6 +167,32 @@ _RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "stride_bia
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dropout_keep(seed, rows, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask [BLOCK_M, BLOCK_N] of a tile of the [rows, row_length] dropout mask (rows ``rows``, columns
+    col_start + 0 .. BLOCK_N - 1; col_start and BLOCK_N multiples of 32), in the order the module docstring gives:
+    one Philox evaluation per (row, 32-key group g, t < 4), its words j < 4 and halves e < 2 to the columns
+    32g + 8j + 2t + e. In the forward's and dq's orientation Triton then lays the mask out like the scores, and no
+    data moves between threads (with eight neighbouring columns per evaluation, the sm_90 compile moved the mask
+    through shared memory in every iteration: ~90 instructions an iteration more)."""
+    G: tl.constexpr = BLOCK_N // 32
+    # (the tensor first: in the interpreter an int column start // a constexpr is a constexpr, which does not add
+    # a tensor to itself)
+    groups = tl.arange(0, G) + col_start // 32
+    per_row = tl.cdiv(row_length, 32) * 4
+    counters = (rows.to(tl.int64)[:, None, None] * per_row + (groups * 4)[None, :, None]
+                + tl.arange(0, 4)[None, None, :])  # fmt: skip
+    r0, r1, r2, r3 = philox_words(seed, counters)
+    k0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= threshold, (r0 >> 16).to(tl.int32) >= threshold)  # [m, g, t, e]
+    k1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= threshold, (r1 >> 16).to(tl.int32) >= threshold)
+    k2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= threshold, (r2 >> 16).to(tl.int32) >= threshold)
+    k3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= threshold, (r3 >> 16).to(tl.int32) >= threshold)
+    # [m, g, t, e, b, a] holding word j = 2b + a (the inner joins pair words 0 / 2 and 1 / 3 along b)
+    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))
+    keep = tl.permute(keep, (0, 1, 4, 5, 2, 3))  # [m, g, b, a, t, e]: column 32g + 8(2b + a) + 2t + e
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+
+
 @triton.jit
 def _dot(a, b):
     # fp32 inputs: IEEE products (TF32 would miss the fp32 tolerance); half inputs: tensor cores, fp32 accumulate.
@@ -259,7 +289,7 @@ def _fwd_blocks(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT_BITS)
+            keep = _dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * dropout_scale, 0.0)
         if MASKED:
             v_ok = n_ok[:, None] & d_ok[None, :]
@@ -428,7 +458,9 @@ def _dkdv_blocks(
         dpt = _dot(v, tl.trans(do))
         pt_drop = pt
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT_BITS)
+            # (transposed: the mask moves between threads here. Moving its bits packed eight to an int32 saved ~50
+            # instructions an iteration under Triton 3.9, but under 3.6 recomputed Philox four times over: 980)
+            keep = _dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
             keep_t = tl.trans(tl.where(keep, dropout_scale, 0.0))
             pt_drop = pt * keep_t
             dpt = dpt * keep_t
@@ -539,7 +571,7 @@ def _dq_blocks(
             p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
         dp = _dot(do, vt)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT_BITS)
+            keep = _dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k)
@@ -618,8 +650,7 @@ def _attention_keep_mask_kernel(
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, rows, seq_k, tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N,
-                        DROPOUT_BITS)  # fmt: skip
+    keep = _dropout_keep(seed, rows, seq_k, tl.program_id(1) * BLOCK_N, dropout_threshold, BLOCK_M, BLOCK_N)
     tl.store(keep_ptr + rows.to(tl.int64)[:, None] * seq_k + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))  # fmt: skip
 
@@ -698,6 +729,10 @@ class _Layout:
 KEY_BIAS_BLOCK = 128
 assert all(entry[1] <= KEY_BIAS_BLOCK and KEY_BIAS_BLOCK % entry[1] == 0
            for entry in (*_FWD_CONFIGS, *_DKDV_CONFIGS, *_DQ_CONFIGS, _INTERPRETER_CONFIG))  # fmt: skip
+# Dropout draws its mask in groups of 32 keys (_dropout_keep): every config that may run with dropout takes key
+# blocks of a multiple of 32.
+assert all(entry[1] % 32 == 0 for entry in (*_FWD_CONFIGS, *_DKDV_CONFIGS, *_DQ_CONFIGS, _INTERPRETER_CONFIG)
+           if len(entry) < 7 or entry[6])  # fmt: skip
 
 
 def key_bias(mask: torch.Tensor, seq_k: int) -> torch.Tensor:
@@ -815,7 +850,9 @@ def dropout_keep_mask(
     """The bool keep-mask [batch, heads, seq_q, seq_k] padded attention applies to its probabilities for this seed
     and p (for tests). For varlen, sequence b's mask is rows ``h·total + token`` of the [heads·total, max_seqlen]
     mask this returns for (batch=1, heads, seq_q=total, seq_k=max_seqlen), columns 0:len_b. ``block_n``: the key
-    tile it is drawn in (16, 32, 64, ...: the mask must not depend on it, which the tests check)."""
+    tile it is drawn in (32, 64, 128: a multiple of 32; the mask must not depend on it, which the tests check)."""
+    if block_n % 32:
+        raise ValueError(f"block_n must be a multiple of 32 (dropout draws 32-key groups), got {block_n}")
     rows = batch * heads * seq_q
     keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
     _attention_keep_mask_kernel[(cdiv(rows, 16), cdiv(seq_k, block_n))](
@@ -880,17 +917,15 @@ def _expect_wgmma(kind: str, dtype: str, bm: int, bn: int) -> bool:
 
 def _register_budget(kind: str, dtype: str, block_d: int, dropout: bool) -> int | None:
     """The sm_90 register budget a case is held to (GateCase.max_registers_sm90): 128 a thread, so that two
-    blocks of 8 warps share an SM, for the 16-bit forward without dropout (and with it at head_dim 128) and for
-    dq without dropout at head_dim 32 and 64. With one block an SM, the forward's two warp groups run their MMAs
-    and their softmax roughly in step, with nothing to fill the tensor cores meanwhile (the fp16 head_dim 64
-    forward took 139-142 registers, one block an SM, when it measured 148 TFLOP/s on the H100 on 2026-11-25,
-    against cuDNN's 354). The other cases hold more state (dk/dv's two accumulators, dropout's Philox) and get
-    no budget."""
+    blocks of 8 warps share an SM, for the 16-bit forward and dq at head_dim 32 and 64 and the forward without
+    dropout at 128. With one block an SM, the forward's two warp groups run their MMAs and their softmax roughly
+    in step, with nothing to fill the tensor cores meanwhile (the fp16 head_dim 64 forward took 139-142
+    registers, one block an SM, when it measured 148 TFLOP/s on the H100 on 2026-11-25, against cuDNN's 354).
+    dk/dv (two accumulators), dq at head_dim 128 and the head_dim 128 forward with dropout hold more state and
+    get no budget."""
     if dtype == "fp32" or kind == "dkdv":
         return None
-    if kind == "fwd" and (not dropout or block_d == 128):
-        return 128
-    if kind == "dq" and not dropout and block_d <= 64:
+    if block_d <= 64 or (kind == "fwd" and not dropout):
         return 128
     return None
 

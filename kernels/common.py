@@ -137,44 +137,39 @@ DROPOUT_KEY = tl.constexpr(0x2B7E151628AED2A6)
 
 
 @triton.jit
-def dropout_keep(
-    seed, row_ids, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
-):
-    """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile of a [rows, row_length] mask, from Philox-4x32 (key
-    DROPOUT_KEY, counter (seed, element counter)); kept iff the element's ``BITS``-bit draw is >= ``threshold``
-    (dropout_threshold(p, BITS)).
-
-    One Philox evaluation gives four 32-bit words: four 32-bit draws, or eight 16-bit ones (k = 4 or 8 elements
-    per evaluation). Row ``row`` uses the counters ``row · cdiv(row_length, k) + col // k`` (64-bit). With 32 bits
-    element (row, col) takes word ``col % 4``; with 16 bits, word ``(col % 8) // 2``, low half for an even col and
-    high half for an odd one. So the mask is the same whatever the tiling, as long as ``col_start`` is a multiple
-    of k, and forward and backward regenerate it instead of storing it. 16-bit draws halve the Philox work per
-    element (ten rounds of 32-bit multiplies: most of attention's extra instructions under dropout) at the cost of
-    a 2^-16 granularity in p and, in some layouts, a few more registers; add_layer_norm, bound by memory, keeps
-    32.
-    """
-    PER_COUNTER: tl.constexpr = 128 // BITS
-    # (the tensor first: in the interpreter an int column start // a constexpr is a constexpr, which does not add
-    # a tensor to itself)
-    cols = tl.arange(0, BLOCK_N // PER_COUNTER) + col_start // PER_COUNTER
-    counters = row_ids.to(tl.int64)[:, None] * tl.cdiv(row_length, PER_COUNTER) + cols[None, :]
+def philox_words(seed, counters):
+    """The four 32-bit words of Philox-4x32-10 at each of the int64 ``counters`` in the stream of ``seed``: key
+    DROPOUT_KEY, the counter in the lower 64 bits and the seed in the upper 64. The key is a constant, so the
+    Philox key schedule stays immediate operands; a key read from device memory (kernels with seed_ptr) would be
+    held in registers across the loops: +35 registers in the attention forward under dropout (compile gate)."""
     c0 = counters.to(tl.uint32)
     c1 = (counters >> 32).to(tl.uint32)
-    # The call's seed selects the counters' upper 64 bits (its stream); the key is a constant, so the Philox key
-    # schedule stays immediate operands. A key read from device memory (kernels with seed_ptr) would be held in
-    # registers across the loops: +35 registers in the attention forward under dropout (compile gate).
     stream = seed.to(tl.int64)
     c2 = c0 * 0 + stream.to(tl.uint32)
     c3 = c0 * 0 + (stream >> 32).to(tl.uint32)
-    r0, r1, r2, r3 = tl.philox(DROPOUT_KEY, c0, c1, c2, c3)
-    # words[c, j, i] = r_(2j + i): word w = 2j + i of counter c
+    return tl.philox(DROPOUT_KEY, c0, c1, c2, c3)
+
+
+@triton.jit
+def dropout_keep(seed, row_ids, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile of a [rows, row_length] mask with 32-bit draws (add_layer_norm's;
+    attention draws 16-bit ones in its own order, kernels.attention._dropout_bits), from Philox-4x32-10 (key
+    DROPOUT_KEY, counter (seed, element counter)); kept iff the element's draw is >= ``threshold``
+    (dropout_threshold(p, 32)).
+
+    One Philox evaluation gives four 32-bit words, to four neighbouring columns: row ``row`` uses the counters
+    ``row · cdiv(row_length, 4) + col // 4`` (64-bit) and element (row, col) takes word ``col % 4``. So the mask is
+    the same whatever the tiling, as long as ``col_start`` is a multiple of 4, and forward and backward regenerate
+    it instead of storing it.
+    """
+    # (the tensor first: in the interpreter an int column start // a constexpr is a constexpr, which does not add
+    # a tensor to itself)
+    cols = tl.arange(0, BLOCK_N // 4) + col_start // 4
+    r0, r1, r2, r3 = philox_words(seed, row_ids.to(tl.int64)[:, None] * tl.cdiv(row_length, 4) + cols[None, :])
+    # words[c, j, i] = r_(2j + i): word w = 2j + i of counter c, column 4c + w; unsigned order as signed order by
+    # flipping the top bit
     words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    if BITS == 32:
-        # column 4c + w; unsigned order as signed order by flipping the top bit
-        keep = (words ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
-    else:
-        # the half-word h innermost: column 8c + 2w + h
-        keep = tl.join((words & 0xFFFF).to(tl.int32) >= threshold, (words >> 16).to(tl.int32) >= threshold)
+    keep = (words ^ 0x80000000).to(tl.int32, bitcast=True) >= threshold
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 

@@ -2,6 +2,7 @@
 masks in the interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), padded == varlen, dropout with the
 kernel's own keep-mask, bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,10 +278,11 @@ def test_dropout_reproducible_and_keep_rate():
     assert len({tuple(r.tolist()) for r in rows}) == rows.shape[0]
 
 
-@pytest.mark.parametrize("block_n", [16, 32, 128])
+@pytest.mark.parametrize("block_n", [32, 128])
 def test_dropout_keep_mask_does_not_depend_on_the_tile(block_n):
-    # The forward and the two backward kernels draw the mask in key tiles of different widths (16 to 128): each
-    # must regenerate the same mask (common.dropout_keep: one Philox counter serves eight columns).
+    # The forward and the two backward kernels draw the mask in key tiles of different widths (32 to 128): each
+    # must regenerate the same mask (kernels.attention._dropout_keep: one Philox counter serves eight columns of a
+    # 32-key group).
     from fastbert.kernels.attention import dropout_keep_mask
 
     expected = dropout_keep_mask(3, 1, 2, 8, 100, 0.5, DEVICE, block_n=64)
@@ -318,14 +320,15 @@ def test_dropout_threshold_rounds_p_to_the_draw_width():
 
 
 def test_dropout_keep_mask_lanes_are_independent():
-    # One Philox evaluation gives eight 16-bit draws, to eight neighbouring keys (common.dropout_keep): each lane
-    # must keep at the requested rate, and neighbours (the two halves of one 32-bit word, and across words) must
-    # agree only as often as independent draws do.
+    # One Philox evaluation gives eight 16-bit draws, to keys 8j + 2t + e (j < 4, e < 2) of a 32-key group
+    # (kernels.attention._dropout_keep): each lane must keep at the requested rate, and neighbours (the two halves
+    # of one 32-bit word, and across words) must agree only as often as independent draws do.
     from fastbert.kernels.attention import dropout_keep_mask
 
     p = 0.3
     keep = dropout_keep_mask(5, 2, 4, 64, 128, p, DEVICE).reshape(-1, 128).float()
-    lanes = keep.reshape(keep.shape[0], -1, 8)
+    # [row, group, j, t, e] -> [row, group, t, (j, e)]: one evaluation's eight draws, in draw order 2j + e
+    lanes = keep.reshape(keep.shape[0], 4, 4, 4, 2).permute(0, 1, 3, 2, 4).reshape(keep.shape[0], -1, 8)
     n = lanes.shape[0] * lanes.shape[1]
     for lane in range(8):
         rate = lanes[..., lane].mean().item()
@@ -334,6 +337,39 @@ def test_dropout_keep_mask_lanes_are_independent():
     for a in range(7):
         agree = (lanes[..., a] == lanes[..., a + 1]).float().mean().item()
         assert abs(agree - same) < 5 * (same * (1 - same) / n) ** 0.5, f"lanes {a}, {a + 1} agree {agree:.4f}"
+
+
+def _philox4x32_10(c, key):
+    """Philox-4x32-10 (Salmon et al., 2011) of counters c [n, 4] (uint32) under a 64-bit key, in numpy."""
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    c0, c1, c2, c3 = (c[:, i].astype(np.uint64) for i in range(4))
+    low = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = m0 * c0, m1 * c2  # exact: both factors below 2^32
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & low, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & low
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
+    return np.stack([c0, c1, c2, c3], axis=1)
+
+
+def test_dropout_keep_mask_is_the_documented_philox_stream():
+    # The mask, element by element, from an independent Philox in numpy and the mapping the kernels' module
+    # docstring gives: element (row, col) is the 16-bit half col % 2 of word (col % 32) // 8 at counter
+    # row * 4 * cdiv(seq_k, 32) + 4 * (col // 32) + (col % 8) // 2, the seed in the counter's upper 64 bits.
+    from fastbert.kernels.attention import DROPOUT_BITS, dropout_keep_mask
+    from fastbert.kernels.common import DROPOUT_KEY, dropout_threshold, philox_seed
+
+    seed, rows, seq_k, p = 11, 6, 70, 0.4
+    keep = dropout_keep_mask(seed, 1, 1, rows, seq_k, p, DEVICE)[0, 0].cpu().numpy()
+    r, col = np.meshgrid(np.arange(rows), np.arange(seq_k), indexing="ij")
+    counter = (r * 4 * -(-seq_k // 32) + 4 * (col // 32) + (col % 8) // 2).astype(np.uint64).ravel()
+    stream = philox_seed(seed)
+    c = np.stack([counter & 0xFFFFFFFF, counter >> np.uint64(32), np.full_like(counter, stream & 0xFFFFFFFF),
+                  np.full_like(counter, stream >> 32)], axis=1)  # fmt: skip
+    words = _philox4x32_10(c, DROPOUT_KEY.value)[np.arange(counter.size), ((col % 32) // 8).ravel()]
+    draws = (words >> (16 * (col % 2)).ravel().astype(np.uint64)) & np.uint64(0xFFFF)
+    expected = (draws.astype(np.int64) >= dropout_threshold(p, DROPOUT_BITS.value)).reshape(rows, seq_k)
+    assert (keep == expected).all(), f"{(keep != expected).sum()} of {keep.size} elements differ"
 
 
 def test_cpu_without_interpreter_runs_reference(monkeypatch):
