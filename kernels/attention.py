@@ -77,8 +77,9 @@ from fastbert.kernels.common import (
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
-# Width of each dropout draw (_dropout_keep): 16-bit draws, eight per Philox evaluation, so that dropout
-# costs the issue-bound loops half the Philox work of 32-bit ones; p is then honoured to within 2^-17.
+# Width of each dropout draw: 16-bit draws, eight per Philox evaluation, so that dropout costs the issue-bound
+# loops half the Philox work of 32-bit ones; p is then honoured to within 2^-17. _dropout_keep is written for this
+# width (its halves and 32-key groups); the launchers turn p into its threshold with it.
 DROPOUT_BITS = tl.constexpr(16)
 
 
