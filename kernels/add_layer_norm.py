@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from fastbert.kernels.common import (
+    FP_FUSION,
     GateCase,
     aligned_base,
     cdiv,
@@ -312,7 +313,7 @@ def add_layer_norm_fwd(
         M, N, eps, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p),
         seed_arg(seed if dropout_p > 0.0 else None, x.device),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=dropout_p > 0.0, STORE_SUM=store_sum,
-        ALIGNED=_is_aligned(N, x, residual), num_warps=num_warps,
+        ALIGNED=_is_aligned(N, x, residual), num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return y, mean, rstd, s
 
@@ -359,7 +360,7 @@ def add_layer_norm_bwd(
         M, N, tiles_per_program, dropout_threshold(dropout_p, 32), 1.0 / (1.0 - dropout_p),
         seed_arg(seed if has_dropout else None, x.device),
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_DROPOUT=has_dropout, PARAM_GRADS=param_grads,
-        SAVED_SUM=s is not None, ALIGNED=aligned, num_warps=num_warps,
+        SAVED_SUM=s is not None, ALIGNED=aligned, num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     if not param_grads:
         # Wide rows (see MAX_HIDDEN_DROPOUT): x̂ recomputed and reduced by PyTorch, in fp32, deterministically.
@@ -375,8 +376,9 @@ def dropout_keep_mask(seed: int, M: int, N: int, dropout_p: float, device: torch
     """The [M, N] bool keep-mask add_layer_norm applies to x for this seed and p (for tests and debugging)."""
     keep = torch.empty((M, N), device=device, dtype=torch.int8)
     _add_layer_norm_keep_mask_kernel[(cdiv(M, 16), cdiv(N, 64))](
-        keep, M, N, dropout_threshold(dropout_p, 32), philox_seed(seed), BLOCK_M=16, BLOCK_N=64
-    )
+        keep, M, N, dropout_threshold(dropout_p, 32), philox_seed(seed), BLOCK_M=16, BLOCK_N=64,
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
     return keep.bool()
 
 

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from fastbert.kernels.common import (
+    FP_FUSION,
     GateCase,
     aligned_base,
     cdiv,
@@ -780,7 +781,7 @@ def attention_fwd(
         q, k, v, out, lse, lay.bias, lay.cu,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed, q.device),
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
     )  # fmt: skip
     return out, lse
 
@@ -824,6 +825,7 @@ def attention_bwd(
         out, do, delta, lay.cu, *_strides(out), *_strides(do),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
         BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     flags = lay.flags(dropout_p, seed, q.device)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
@@ -833,14 +835,14 @@ def attention_bwd(
         q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
         *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
     )  # fmt: skip
     meta = lay.meta(_DQ_CONFIGS, q, dropout_p)
     _attention_bwd_dq_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
         q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
         *common, *_strides(dq), lay.bias.stride(0),
         lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, **meta,
+        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -857,8 +859,9 @@ def dropout_keep_mask(
     rows = batch * heads * seq_q
     keep = torch.empty((rows, seq_k), device=device, dtype=torch.int8)
     _attention_keep_mask_kernel[(cdiv(rows, 16), cdiv(seq_k, block_n))](
-        keep, rows, seq_k, dropout_threshold(p, DROPOUT_BITS.value), philox_seed(seed), BLOCK_M=16, BLOCK_N=block_n
-    )
+        keep, rows, seq_k, dropout_threshold(p, DROPOUT_BITS.value), philox_seed(seed), BLOCK_M=16, BLOCK_N=block_n,
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
     return keep.bool().view(batch, heads, seq_q, seq_k)
 
 

@@ -34,6 +34,14 @@ def empty(shape, *, device, dtype):
     return out
 
 
+# Every launch and every compile-gate compilation passes enable_fp_fusion=FP_FUSION (the compiler may contract a
+# multiply and an add into one fma). The kernels were written, tested and register-counted with it on, Triton's
+# default up to 3.9; Triton 3.10 turns the default off (3.9 warns when a launch leaves it unset). Off, their
+# rounding and code would change under them: add_layer_norm's backward, for one, decides where an fma may round
+# (see its kernel). tests/test_launch_spec.py checks that every launch pins it.
+FP_FUSION = True
+
+
 # Host-side integer helpers for launchers: triton.cdiv and triton.next_power_of_2 are constexpr functions, whose
 # call from Python code unwraps its arguments (~10% of an op's host time when launchers called them).
 def cdiv(a: int, b: int) -> int:

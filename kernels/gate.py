@@ -75,9 +75,10 @@ def compile_for(case, arch: int):
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=divisibility_attrs(case))
-    return triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps, "num_stages": case.num_stages}
-    )
+    from fastbert.kernels.common import FP_FUSION
+
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages, "enable_fp_fusion": FP_FUSION}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_case(case, arch: int) -> GateResult:

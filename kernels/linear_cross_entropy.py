@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, aligned_base, empty, pointer_args
+from fastbert.kernels.common import FP_FUSION, GateCase, aligned_base, empty, pointer_args
 
 # The padded vocabulary of the logits: a multiple of this (also what the row strides are).
 VOCAB_ALIGN = 64
@@ -179,10 +179,11 @@ def cross_entropy_fwd(
     inv_count = empty((1,), device=logits.device, dtype=torch.float32)
     if M > 0:
         _cross_entropy_fwd_kernel[(M,)](
-            logits, labels, row_loss, lse, logits.stride(0), M, v, ignore_index, BLOCK_V=block_v, num_warps=NUM_WARPS
-        )
+            logits, labels, row_loss, lse, logits.stride(0), M, v, ignore_index, BLOCK_V=block_v, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
     _cross_entropy_mean_kernel[(1,)](row_loss, labels, loss, inv_count, M, ignore_index, BLOCK=BLOCK_MEAN,
-                                     num_warps=4)  # fmt: skip
+                                     num_warps=4, enable_fp_fusion=FP_FUSION)  # fmt: skip
     return loss, lse, inv_count
 
 
@@ -212,7 +213,7 @@ def cross_entropy_bwd(
         rows = aligned_base(rows) if gather else labels  # (labels: an int64 stand-in, not read)
         _cross_entropy_bwd_kernel[(programs,)](
             logits, labels, lse, dloss, inv_count, dlogits, rows, vp, M, v, ignore_index,
-            BLOCK_V=block_v, GATHER=gather, num_warps=NUM_WARPS,
+            BLOCK_V=block_v, GATHER=gather, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return dlogits
 

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from fastbert.kernels.common import (
+    FP_FUSION,
     GateCase,
     aligned_base,
     cdiv,
@@ -344,6 +345,7 @@ def linear_gelu_fwd(
             x2d, weight, bias, y, h_out,
             M, N, K, x2d.stride(0), weight.stride(0), m_bucket(M),
             APPROX=_APPROX[approximate], STORE_PREACT=store_preact, INPUT_PRECISION=_input_precision(x2d.dtype),
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
 
     def hopper():
@@ -401,6 +403,7 @@ def linear_gelu_bwd(
         _linear_gelu_bwd_kernel[(tiles_m, cdiv(N, block_n))](
             dy, h, dh, db_partial, M, N, dy.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, APPROX=_APPROX[approximate], num_warps=num_warps,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     # cuBLAS GEMMs with fp32 accumulation, as eager's Linear backward.
     dx = torch.mm(dh, weight)

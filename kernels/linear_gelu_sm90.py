@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import GateCase, cdiv, interpreting, pointer_args, sm_count
+from fastbert.kernels.common import FP_FUSION, GateCase, cdiv, interpreting, pointer_args, sm_count
 from fastbert.kernels.linear_gelu import _APPROX, _multiple_of_8, _tile_coords, store_tile
 
 
@@ -125,7 +125,7 @@ def linear_gelu_fwd_sm90(
 
     _linear_gelu_fwd_sm90_kernel[grid](
         x_desc, w_desc, bias, y, h, M, N, K, m_bucket,
-        APPROX=_APPROX[approximate], STORE_PREACT=store_preact,
+        APPROX=_APPROX[approximate], STORE_PREACT=store_preact, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 

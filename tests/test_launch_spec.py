@@ -23,6 +23,7 @@ import torch
 from conftest import HAS_CUDA
 from fastbert import ops
 from fastbert.kernels import gate
+from fastbert.kernels.common import FP_FUSION
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="launches are captured in the interpreter (the CPU suite)")
 
@@ -60,6 +61,7 @@ class _Launch:
                 kind, rest = _specialise(bound[name], name not in dns)
                 self.runtime[name] = (standin.get(kind, kind), rest)
         self.num_warps = kwargs.get("num_warps")
+        self.fp_fusion = kwargs.get("enable_fp_fusion")
 
     def mismatches(self, case, tuned: set[str]) -> list[str]:
         """How this launch differs from a gate case (empty: the case is exactly what runs)."""
@@ -75,6 +77,8 @@ class _Launch:
                 out.append(f"{name}: {spec[0]} (gate: {case.signature.get(name)})")
             elif spec[1] != (name in case.divisible):
                 out.append(f"{name}: divisible by 16 = {spec[1]} (gate: {name in case.divisible})")
+        if self.fp_fusion is not FP_FUSION:
+            out.append(f"enable_fp_fusion={self.fp_fusion!r} (gate: {FP_FUSION}; unset: the default changes in 3.10)")
         if not tuned and self.num_warps is not None and self.num_warps != case.num_warps:
             out.append(f"num_warps={self.num_warps} (gate: {case.num_warps})")
         return out
