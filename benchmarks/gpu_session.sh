@@ -2,6 +2,7 @@
 # The evidence a lent GPU session should gather, in parts that each fit one device call (10 minutes), written
 # under $OUT (the device tool's result folder; a local folder otherwise). Run from the repository root:
 #
+#   bash benchmarks/gpu_session.sh brief      # for a 15-minute lease: one ~8-minute call (below), first
 #   bash benchmarks/gpu_session.sh tests [FILES]  # GPU test suite (bf16, BERT shapes, GPU fine-tune) + GPU facts
 #   bash benchmarks/gpu_session.sh ops        # the attention, linear_gelu, add_layer_norm benchmarks, quick shapes
 #   bash benchmarks/gpu_session.sh sweeps     # tile-config sweeps (GEMM, attention fwd / bwd, with dropout too)
@@ -25,6 +26,18 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 } >"$OUT/gpu.txt" 2>&1
 
 case "${1:-}" in
+brief)
+  # What a lease of 15 device minutes (start-up included) should buy first, in one call of at most ~8 minutes:
+  # the GPU tests of every kernel (bf16, BERT shapes, dropout on the device), the attention benchmark (the
+  # kernels most changed on the CPU since the last GPU run) and the training step, fastbert beside SDPA, each
+  # also captured in a CUDA graph. The rest (ops, bert, sweeps, audit) when a lease allows another call.
+  timeout -s INT 200 python3 -m pytest -q -n 14 -p no:cacheprovider -rfE --tb=short --durations=10 \
+    -k "gpu or dropout" tests/test_attention.py tests/test_add_layer_norm.py tests/test_linear_gelu.py \
+    tests/test_linear_cross_entropy.py tests/test_optimize.py tests/test_torch_compile.py 2>&1 | tee "$OUT/tests.log"
+  timeout 130 python3 benchmarks/bench_attention.py --quick --out "$OUT" 2>&1 | tee "$OUT/ops.log"
+  timeout 150 fastbert bench --suite train --seq 512 --lengths full \
+    --providers sdpa,fastbert,sdpa+cudagraph,fastbert+cudagraph --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  ;;
 tests)
   # In parallel (kernel compilation dominates), without the compile gate (CI runs it on the CPU); SIGINT at the
   # limit still prints pytest's summary of what ran. One call did not finish the suite on 2026-11-25 (235 tests
@@ -55,7 +68,7 @@ audit-ops | audit-e2e | audit-train)
   timeout 580 python3 .audit/gpu_audit.py --out "$OUT" --sections "${1#audit-}" 2>&1 | tee "$OUT/audit.log"
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests [FILES]|ops|sweeps|bert|profile|audit-ops|audit-e2e|audit-train" >&2
+  echo "usage: bash benchmarks/gpu_session.sh brief|tests [FILES]|ops|sweeps|bert|profile|audit-ops|audit-e2e|audit-train" >&2
   exit 2
   ;;
 esac

@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1,8,32", help="inference batch sizes (training uses 32)")
     p.add_argument("--seq", default="128,512", help="sequence lengths")
     p.add_argument("--lengths", default="full,varlen", help="full: every sequence full; varlen: uniform seq/4..seq")
-    p.add_argument("--providers", default=None, help=f"comma list (default all): {', '.join(INFER_PROVIDERS)}")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list (default all); inference: {', '.join(INFER_PROVIDERS)}; training: "
+                   f"{', '.join(TRAIN_PROVIDERS)} (each suite runs the ones it has)")  # fmt: skip
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile provider's mode")
     p.add_argument("--quick", action="store_true",
                    help="BERT-base fp16: batch 32 x seq 512, and batch 1 x seq 128 without torch.compile")  # fmt: skip
@@ -70,6 +72,11 @@ def quick_batch1_args(args: argparse.Namespace) -> argparse.Namespace:
     changes = {"batch": "1", "seq": "128", "lengths": "full",
                "providers": ",".join(p for p in providers if p != "torch.compile")}  # fmt: skip
     return argparse.Namespace(**{**vars(args), **changes})
+
+
+def suite_providers(args: argparse.Namespace, known: tuple[str, ...]) -> list[str]:
+    """The providers a suite runs: those of --providers that it has (main refuses names no suite has), else all."""
+    return [p for p in _csv(args.providers) if p in known] if args.providers else list(known)
 
 
 def _csv(s: str) -> list[str]:
@@ -165,7 +172,7 @@ def bench_infer(args, model_name: str, dtype_name: str, rows: list, emit: Callab
     cfg = _config(model_name, args.dry_run)
     torch.manual_seed(0)
     ref32 = BertModel(cfg, add_pooling_layer=False).to(dev).eval()
-    wanted = _csv(args.providers) if args.providers else list(INFER_PROVIDERS)
+    wanted = suite_providers(args, INFER_PROVIDERS)
     if args.dry_run:
         wanted = [p for p in wanted if p in ("eager", "sdpa", "fastbert")]
     models = {}
@@ -279,7 +286,7 @@ def bench_train(args, model_name: str, rows: list, emit: Callable) -> None:
     cfg = _config(model_name, args.dry_run)
     B = 2 if args.dry_run else 32
     timer = _timer(args.dry_run)
-    providers = [p for p in (_csv(args.providers) if args.providers else TRAIN_PROVIDERS) if p in TRAIN_PROVIDERS]
+    providers = suite_providers(args, TRAIN_PROVIDERS)
     if args.dry_run:  # no CUDA graphs on the CPU
         providers = [p for p in providers if not p.endswith("+cudagraph")]
     # The dry run trains under fp16 autocast: Triton's interpreter keeps bf16 as raw bits, so a kernel's bf16
@@ -442,6 +449,11 @@ def _plot(rows: list[dict], path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    unknown = [p for p in _csv(args.providers or "") if p not in (*INFER_PROVIDERS, *TRAIN_PROVIDERS)]
+    if unknown:
+        print(f"fastbert bench: unknown provider(s) {', '.join(unknown)}; inference: {', '.join(INFER_PROVIDERS)}; "
+              f"training: {', '.join(TRAIN_PROVIDERS)}")  # fmt: skip
+        return 2
     if args.dry_run:
         from fastbert.ops._common import interpreting
 

@@ -68,3 +68,22 @@ def test_quick_batch1_run_leaves_out_only_max_autotune_compile():
         assert (one.batch, one.seq, one.lengths) == ("1", "128", "full")
         assert one.providers.split(",") == expect
         assert args.providers == given  # the batch-32 run keeps every provider
+
+
+def test_unknown_provider_is_refused_before_anything_runs(capsys):
+    assert cli.main(["bench", "--providers", "sdpa,fastbert+cudagrph"]) == 2
+    out = capsys.readouterr().out
+    assert "unknown provider(s) fastbert+cudagrph" in out and "sdpa+cudagraph" in out
+
+
+def test_each_suite_runs_only_its_own_providers():
+    import argparse
+
+    from fastbert import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--providers", "sdpa,sdpa+cudagraph,torch.compile"])
+    assert bench.suite_providers(args, bench.INFER_PROVIDERS) == ["sdpa", "torch.compile"]
+    assert bench.suite_providers(args, bench.TRAIN_PROVIDERS) == ["sdpa", "sdpa+cudagraph"]
+    assert bench.suite_providers(parser.parse_args([]), bench.TRAIN_PROVIDERS) == list(bench.TRAIN_PROVIDERS)
