@@ -78,9 +78,10 @@ def sweep_linear_gelu() -> None:
 # Tiles that compile without spills with dropout on sm_90 (fp16, head_dim 64; some alternatives spill on sm_80,
 # e.g. dq 64x32 w4): the shipped choice first (fewest SASS instructions per score), then the alternatives. The
 # sweep prints each one's registers and spills.
-DROPOUT_FWD_CANDIDATES = ((128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2))
-DROPOUT_DKDV_CANDIDATES = ((32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2))
-DROPOUT_DQ_CANDIDATES = ((128, 32, 8, 2), (64, 32, 4, 2))
+# (The shipped tiles before 2026-12-02's change to 3 stages run beside them: see attention._FWD_CONFIGS.)
+DROPOUT_FWD_CANDIDATES = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2))
+DROPOUT_DKDV_CANDIDATES = ((32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 2))
+DROPOUT_DQ_CANDIDATES = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2))
 
 
 def _dropout_args(at, p: float) -> tuple:
@@ -156,8 +157,9 @@ def sweep_attention_bwd() -> None:
 
     dkdv, dq = at._attention_bwd_dkdv_kernel, at._attention_bwd_dq_kernel
     B, H, D = 32, 12, 64
-    dkdv_cands = ((32, 128, 8, 2), (32, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 3))
-    dq_cands = ((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 3))
+    dkdv_cands = ((32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+                  (32, 128, 4, 3))  # fmt: skip
+    dq_cands = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2))
     for S in (128, 512):
         q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(4))
         lens = torch.randint(S // 4, S + 1, (B,), device="cuda")

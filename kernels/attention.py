@@ -95,10 +95,19 @@ _HALF = ("fp16", "bf16")
 # are bound by instruction issue, not by the MMAs (Philox, selects: ~30 instructions a thread per score against
 # ~9 without, benchmarks/sass_loops.py), so the dropout entries are the spill-free tiles with the fewest
 # instructions per score: 64-row tiles on 8 warps, for one, needed ~40.
+#
+# Stages: with num_stages=2, Triton issues the next iteration's key and value copies (cp.async) at the end of an
+# iteration and waits for all of them (cp.async.wait_group 0) at the top of the next, so every iteration waits
+# out a whole L2 / HBM round trip; with 3 the copies are issued an iteration earlier and the wait leaves the
+# newest in flight (wait_group 2). In the sm_90 compile 3 stages cost the 16-bit forward and dq at head_dim 32 / 64
+# no instruction in their loops and keep them at <= 128 registers (two 8-warp blocks an SM) under Triton 3.9 and
+# 3.6, for 8-16 KB more shared memory a block; on sm_80 their loops grow 3-8%. dk/dv stays at 2: with 3, Triton
+# 3.6's masked loops grew 12-26%. At head_dim 128, 2 stages take the forward past 128 registers (and spill on
+# sm_80), so it keeps 1; dq and the dropout dk/dv are better with 2 in both Tritons (dq: 126-171 registers from
+# 164-252, 3-8% fewer instructions). Chosen from the compile (2026-12-02), not yet timed on a GPU.
 _FWD_CONFIGS = (
-    (128, 64, 8, 3, _HALF, (32,), False),
-    (128, 64, 8, 2, _HALF, (64,), False),
-    (128, 32, 8, 2, _HALF, (32, 64), True),  # (128 x 64 spilled on sm_80 at head_dim 32)
+    (128, 64, 8, 3, _HALF, (32, 64), False),
+    (128, 32, 8, 3, _HALF, (32, 64), True),  # (128 x 64 spilled on sm_80 at head_dim 32)
     (128, 32, 8, 1, _HALF, (128,)),  # (with dropout, 64 x 32 spilled on sm_80 and took ~1.9x the instructions a score)
     (32, 32, 4, 1, ("fp32",), (32,), False),
     (16, 32, 4, 1, ("fp32",), (32,), True),
@@ -111,17 +120,17 @@ _FWD_CONFIGS = (
 _DKDV_CONFIGS = (
     (32, 128, 8, 2, _HALF, (32, 64)),
     (16, 64, 8, 1, _HALF, (128,), False),
-    (32, 32, 8, 1, _HALF, (128,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
+    (32, 32, 8, 2, _HALF, (128,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
     (16, 32, 8, 1, ("fp32",), (32, 128), False),
     (16, 32, 4, 1, ("fp32",), (64,), False),
     (32, 32, 8, 1, ("fp32",), (32, 64), True),
     (16, 32, 8, 1, ("fp32",), (128,), True),  # (32 x 32 spilled on sm_80 under Triton 3.6)
 )
 _DQ_CONFIGS = (
-    (128, 64, 8, 2, _HALF, (64,), False),
-    (64, 64, 4, 2, _HALF, (32,), False),
-    (128, 32, 8, 2, _HALF, (32, 64), True),
-    (32, 64, 8, 1, _HALF, (128,)),
+    (128, 64, 8, 3, _HALF, (64,), False),
+    (64, 64, 4, 3, _HALF, (32,), False),
+    (128, 32, 8, 3, _HALF, (32, 64), True),
+    (32, 64, 8, 2, _HALF, (128,)),
     (32, 32, 4, 1, ("fp32",), (32,), False),
     (16, 32, 4, 1, ("fp32",), (32,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
     (16, 16, 4, 1, ("fp32",), (64,), False),
@@ -920,16 +929,16 @@ def _expect_wgmma(kind: str, dtype: str, bm: int, bn: int) -> bool:
 
 
 def _register_budget(kind: str, dtype: str, block_d: int, dropout: bool) -> int | None:
-    """The sm_90 register budget a case is held to (GateCase.max_registers_sm90): 128 a thread, so that two
-    blocks of 8 warps share an SM, for the 16-bit forward and dq at head_dim 32 and 64 and the forward without
-    dropout at 128. With one block an SM, the forward's two warp groups run their MMAs and their softmax roughly
-    in step, with nothing to fill the tensor cores meanwhile (the fp16 head_dim 64 forward took 139-142
-    registers, one block an SM, when it measured 148 TFLOP/s on the H100 on 2026-11-25, against cuDNN's 354).
-    dk/dv (two accumulators), dq at head_dim 128 and the head_dim 128 forward with dropout hold more state and
-    get no budget."""
+    """The sm_90 register budget a case is held to (GateCase.max_registers_sm90): 128 a thread, so that two blocks of 8
+    warps share an SM, for the 16-bit forward and dq at head_dim 32 and 64 and both without dropout at 128 (dq there
+    since it runs 2 stages: 126 registers, from 166 with 1). With one block an SM, the forward's two warp groups run
+    their MMAs and their softmax roughly in step, with nothing to fill the tensor cores meanwhile (the fp16 head_dim
+    64 forward took 139-142 registers, one block an SM, when it measured 148 TFLOP/s on the H100 on 2026-11-25,
+    against cuDNN's 354). dk/dv (two accumulators) and both with dropout at head_dim 128 hold more state and get no
+    budget."""
     if dtype == "fp32" or kind == "dkdv":
         return None
-    if block_d <= 64 or (kind == "fwd" and not dropout):
+    if block_d <= 64 or not dropout:
         return 128
     return None
 
