@@ -16,6 +16,7 @@ import triton
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from fastbert.kernels.common import FP_FUSION  # noqa: E402  (what the launchers pass: the gate's compile)
 
 
 def bench(fn) -> float:
@@ -63,7 +64,7 @@ def sweep_linear_gelu() -> None:
                     return kern[grid](x, w, b, y, h, M, N, K, K, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                       GROUP_M=gm, APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32",
                                       EPILOGUE_HALVES=bn >= 256, num_warps=nw, num_stages=ns,
-                                      enable_fp_fusion=True)  # fmt: skip
+                                      enable_fp_fusion=FP_FUSION)  # fmt: skip
 
                 try:
                     k = run()
@@ -138,7 +139,7 @@ def sweep_attention() -> None:
                     *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked),
                     *_dropout_args(at, 0.1 if drop else 0.0), BLOCK_M=bm, BLOCK_N=bn,
                     BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns,
-                    enable_fp_fusion=True)  # fmt: skip
+                    enable_fp_fusion=FP_FUSION)  # fmt: skip
 
             try:
                 kk = run()
@@ -171,7 +172,7 @@ def sweep_attention_bwd() -> None:
         at._attention_bwd_preprocess_kernel[(triton.cdiv(S, at._PREPROCESS_BLOCK_M), B * H)](
             out, do, delta, lay.cu, *at._strides(out), *at._strides(do), S, S, H, D, 0,
             BLOCK_M=at._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True, num_warps=at._PREPROCESS_WARPS,
-            enable_fp_fusion=True)  # fmt: skip
+            enable_fp_fusion=FP_FUSION)  # fmt: skip
         dq_t, dk_t, dv_t = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = (*at._strides(q), *at._strides(k), *at._strides(v), *at._strides(do))
         print(f"attention bwd fp16 B{B} H{H} S{S} D{D}, with a padding mask")
@@ -190,11 +191,11 @@ def sweep_attention_bwd() -> None:
                         q, k, v, do, dk_t, dv_t, lse, delta, mask, lay.cu, *common, *at._strides(dk_t),
                         *at._strides(dv_t), mask.stride(0), S, S, H, D, D**-0.5, D**-0.5 * at.LOG2E, *flags,
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw,
-                        num_stages=ns, enable_fp_fusion=True)  # fmt: skip
+                        num_stages=ns, enable_fp_fusion=FP_FUSION)  # fmt: skip
                 return kern[(triton.cdiv(S, bm), B * H)](
                     q, k, v, do, dq_t, lse, delta, mask, lay.cu, *common, *at._strides(dq_t), mask.stride(0),
                     S, S, H, D, D**-0.5, D**-0.5 * at.LOG2E, *flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64,
-                    HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns, enable_fp_fusion=True)  # fmt: skip
+                    HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns, enable_fp_fusion=FP_FUSION)  # fmt: skip
 
             try:
                 kk = run()
