@@ -18,12 +18,12 @@ How it plugs in (transformers 5.x):
   then saves h instead of y and recomputes y = gelu(h) in the backward: one [tokens, intermediate] activation
   less per layer (about 1.2 GB for BERT-base at 32 x 512 in bf16). Anything in between that replaces or
   modifies y, or a forward hook on that dense layer, makes BertOutput use its Linear as it is.
-- Masked-LM loss (BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM, XLM-R's): when the call has labels,
-  a forward pre-hook on the model takes them out of the call and hands them to the decoder Linear, which then
-  computes logits and loss together (``ops.linear_cross_entropy``: a vocabulary padded for cuBLAS, a loss that
-  keeps no fp32 [tokens, vocab] tensor), and a forward hook puts the loss (plus the next-sentence loss, computed
-  as transformers does) back into the output. If anything between the decoder and the output changed the logits,
-  the hook computes transformers' loss from the output's logits instead.
+- Masked-LM loss (BertForPreTraining, BertForMaskedLM, RobertaForMaskedLM and their twins, _MLM_MODELS): when the
+  call has labels, a forward pre-hook on the model takes them out of the call and hands them to the decoder
+  Linear, which then computes logits and loss together (``ops.linear_cross_entropy``: a vocabulary padded for
+  cuBLAS, a loss that keeps no fp32 [tokens, vocab] tensor), and a forward hook puts the loss (plus the
+  next-sentence loss, computed as transformers does) back into the output. If anything between the decoder and
+  the output changed the logits, the hook computes transformers' loss from the output's logits instead.
 - Unpad once: when the batch has padding, the encoder packs the real tokens once before the first layer, every
   layer runs on [tokens, hidden] with ``ops.attention_varlen``, and the padded layout is restored at the end.
   Padding positions of the result are then zeros (transformers computes values nobody should read there).
@@ -47,11 +47,13 @@ from fastbert.ops._attention import shared_key_bias
 from fastbert.ops._linear_gelu import linear_gelu_with_preact
 
 ATTN_NAME = "fastbert"
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+# Model types whose encoder modules are transformers' BERT modules under another name (generated copies of them:
+# same source, prefix aside, checked against transformers 5.24 by tests/test_optimize.py)
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "data2vec-text")
 # transformers' hidden_act names that have a fused form, and the GELU form each means
 GELU_FORMS = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 _ADD_LN_CLASSES = {"SelfOutput", "Output"}  # BertSelfOutput, BertOutput, RobertaSelfOutput, ...
-_PREFIXES = ("Bert", "Roberta", "XLMRoberta")
+_PREFIXES = ("Bert", "Roberta", "XLMRoberta", "Electra", "Camembert", "Ernie", "Data2VecText")
 
 
 @dataclasses.dataclass
@@ -241,7 +243,9 @@ def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_st
 # Models whose forward computes CrossEntropyLoss()(prediction_scores.view(-1, vocab), labels.view(-1)) from the
 # output embeddings' logits; True where the loss also adds the next-sentence loss (and needs its label).
 _MLM_MODELS = {"BertForPreTraining": True, "BertForMaskedLM": False, "RobertaForMaskedLM": False,
-               "XLMRobertaForMaskedLM": False}  # fmt: skip
+               "XLMRobertaForMaskedLM": False, "ElectraForMaskedLM": False, "CamembertForMaskedLM": False,
+               "ErnieForPreTraining": True, "ErnieForMaskedLM": False,
+               "Data2VecTextForMaskedLM": False}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -385,8 +389,8 @@ def _find_model(model: nn.Module) -> nn.Module:
     if inner is not None and hasattr(getattr(inner, "config", None), "model_type"):
         return inner
     raise ValueError(f"fastbert.optimize supports transformers models of type {', '.join(SUPPORTED_MODEL_TYPES)} "
-                     f"(BertModel, BertFor*, RobertaModel, RobertaFor*, XLM-R) and sentence-transformers models "
-                     f"wrapping one; got {type(model).__name__}")  # fmt: skip
+                     f"(BertModel, BertFor*, their RoBERTa, XLM-R, ELECTRA, CamemBERT, ERNIE and Data2VecText twins) "
+                     f"and sentence-transformers models wrapping one; got {type(model).__name__}")  # fmt: skip
 
 
 def _part(module: nn.Module) -> str | None:
@@ -423,8 +427,9 @@ def _attention_blocker(hf: nn.Module, attn_modules: list[nn.Module]) -> str | No
 
 
 def optimize(model: nn.Module) -> nn.Module:
-    """Accelerate a HuggingFace BERT / RoBERTa / XLM-R model (any head) or a sentence-transformers model wrapping
-    one, in place; returns it. Parameters are shared, never copied. Idempotent; undo with fastbert.restore.
+    """Accelerate a HuggingFace BERT-family model (SUPPORTED_MODEL_TYPES: BERT, RoBERTa, XLM-R, ELECTRA, CamemBERT,
+    ERNIE, Data2VecText; any head) or a sentence-transformers model wrapping one, in place; returns it. Parameters
+    are shared, never copied. Idempotent; undo with fastbert.restore.
     ``model.fastbert_summary`` (also returned by ``fastbert.summary(model)``) says what was accelerated and what
     was kept, and why."""
     hf = _find_model(model)

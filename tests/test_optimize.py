@@ -3,6 +3,7 @@ and unpadded batches), state_dict unchanged, restore, idempotence, fallbacks wit
 public modules. Interpreter-sized configs (2 layers, hidden 64); GPU-only checks at the end."""
 
 import copy
+import importlib
 import inspect
 
 import pytest
@@ -28,6 +29,28 @@ def roberta_config(**kw):
                 max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                 pad_token_id=1)  # fmt: skip
     return transformers.RobertaConfig(**(base | kw))
+
+
+# The BERT twins fastbert.optimize also takes: model type -> (config class, class-name prefix, its BERT / RoBERTa
+# original). ELECTRA's embeddings (32) are narrower than its encoder (64), as in its small checkpoints.
+TWINS = {
+    "electra": ("ElectraConfig", "Electra", "Bert", dict(embedding_size=32)),
+    "camembert": ("CamembertConfig", "Camembert", "Roberta", dict(pad_token_id=1)),
+    "ernie": ("ErnieConfig", "Ernie", "Bert", dict(use_task_id=True, task_type_vocab_size=3)),
+    "data2vec-text": ("Data2VecTextConfig", "Data2VecText", "Roberta", dict(pad_token_id=1)),
+}
+
+
+def twin_config(model_type, **kw):
+    name, _, _, extra = TWINS[model_type]
+    return getattr(transformers, name)(**(bert_config().to_dict() | extra | kw))
+
+
+def config_for(cls: str):
+    for model_type, (_, prefix, _, _) in TWINS.items():
+        if cls.startswith(prefix):
+            return twin_config(model_type)
+    return roberta_config() if cls.startswith(("Roberta", "XLMRoberta")) else bert_config()
 
 
 def batch(B=3, S=12, lengths=(12, 7, 1), vocab=300, seed=0):
@@ -108,17 +131,19 @@ def test_pretraining_loss_and_gradients_match():
 def _mlm_args(cls, ids, mask):
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
     labels[0, ::3] = -100  # unlabelled real tokens too, as in masked-LM batches
-    extra = {"next_sentence_label": torch.tensor([0, 1, 0], device=DEVICE)} if cls == "BertForPreTraining" else {}
+    pretraining = cls.endswith("ForPreTraining")
+    extra = {"next_sentence_label": torch.tensor([0, 1, 0], device=DEVICE)} if pretraining else {}
     return labels, extra
 
 
-@pytest.mark.parametrize("cls", ["BertForPreTraining", "BertForMaskedLM", "RobertaForMaskedLM"])
+@pytest.mark.parametrize("cls", ["BertForPreTraining", "BertForMaskedLM", "RobertaForMaskedLM", "ElectraForMaskedLM",
+                                 "CamembertForMaskedLM", "ErnieForPreTraining", "ErnieForMaskedLM",
+                                 "Data2VecTextForMaskedLM"])  # fmt: skip
 def test_masked_lm_loss_is_fused_and_matches(cls):
     """With labels, the decoder and the loss run as ops.linear_cross_entropy (its logits have the padded row
     stride): the loss, every output field and every gradient match transformers', also for a tuple output
     (return_dict=False) and labels passed positionally."""
-    cfg = roberta_config() if cls.startswith("Roberta") else bert_config()
-    ref, fast = pair(getattr(transformers, cls), cfg)
+    ref, fast = pair(getattr(transformers, cls), config_for(cls))
     assert "masked-LM decoder + loss (fused Linear + cross-entropy)" in fastbert.summary(fast).accelerated
     ref.train(), fast.train()
     ids, mask = batch()
@@ -240,7 +265,12 @@ def test_gradient_checkpointing(reentrant):
     grads = []
     for m in (ref, fast):
         m.train()
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if hasattr(m, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert m.is_activation_checkpointing
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert m.is_gradient_checkpointing
         m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
     for name, g in grads[0].items():
@@ -339,6 +369,49 @@ def test_roberta_family(cls):
         a, b = (m(input_ids=ids, attention_mask=mask)[0] for m in (fast, ref))
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", list(TWINS))
+def test_bert_twins_modules_are_berts(model_type):
+    """The twins' encoder modules are transformers' BERT (or RoBERTa) modules under another name, which is why
+    fastbert.optimize swaps them like BERT's: same source, the prefix and comments aside (a transformers release
+    that changes one of them fails here)."""
+    _, prefix, original, _ = TWINS[model_type]
+    module = importlib.import_module(type(transformers.AutoModel.from_config(twin_config(model_type))).__module__)
+    base = importlib.import_module(f"transformers.models.{original.lower()}.modeling_{original.lower()}")
+
+    def code(mod, name, p):
+        lines = inspect.getsource(getattr(mod, p + name)).replace(p, "X").splitlines()
+        return [line for line in lines if not line.strip().startswith("#")]
+
+    for name in ("SelfAttention", "Attention", "SelfOutput", "Intermediate", "Output", "Layer", "Encoder"):
+        assert code(module, name, prefix) == code(base, name, original), f"{prefix}{name} differs from {original}'s"
+
+
+@pytest.mark.parametrize("model_type", list(TWINS))
+def test_bert_twins(model_type):
+    """ELECTRA, CamemBERT, ERNIE, Data2VecText: every part accelerated; padded inference and, in training mode
+    (dropout 0), a token-classification loss's every gradient match transformers'."""
+    prefix = TWINS[model_type][1]
+    ref, fast = pair(getattr(transformers, f"{prefix}Model"), twin_config(model_type))
+    s = fastbert.summary(fast)
+    assert not s.skipped and s.accelerated["self-attention (fused, padding mask / varlen)"] == 2, str(s)
+    ids, mask = batch()
+    valid = mask.bool()
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask).last_hidden_state for m in (fast, ref))
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+
+    ref, fast = pair(getattr(transformers, f"{prefix}ForTokenClassification"), twin_config(model_type, num_labels=3))
+    labels = torch.where(valid, ids % 3, torch.full_like(ids, -100))
+    for m in (ref, fast):
+        m.train()
+        m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        assert fast_params[name].grad is not None, name
+        torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
 
 
 def test_state_dict_shared_restore_and_idempotent(tmp_path):
