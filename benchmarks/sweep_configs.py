@@ -81,12 +81,13 @@ def sweep_linear_gelu() -> None:
 # sweep prints each one's registers and spills.
 # (The shipped tiles before 2026-12-02's change to 3 stages run beside them: see attention._FWD_CONFIGS.)
 DROPOUT_FWD_CANDIDATES = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2))
-DROPOUT_DKDV_CANDIDATES = ((32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 2))
+# (dq and dk/dv read the backward's packed mask since 2026-12-02: dk/dv's shipped tile runs 1 stage)
+DROPOUT_DKDV_CANDIDATES = ((32, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 4, 2))
 DROPOUT_DQ_CANDIDATES = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2))
 
 
 def _dropout_args(at, p: float) -> tuple:
-    """(threshold, scale, seed_ptr) the attention kernels take for dropout probability p: seed_ptr an int64 [1]
+    """(threshold, scale, seed_ptr) the attention forward takes for dropout probability p: seed_ptr an int64 [1]
     CUDA tensor holding a dropout seed (kernels.common.seed_arg)."""
     seed = torch.full((1,), at.philox_seed(0), dtype=torch.int64, device="cuda")
     return at.dropout_threshold(p, at.DROPOUT_BITS.value), 1.0 / (1.0 - p), seed
@@ -178,12 +179,17 @@ def sweep_attention_bwd() -> None:
         print(f"attention bwd fp16 B{B} H{H} S{S} D{D}, with a padding mask")
         runs = [(name, kern, c, False) for name, kern, cands in (("dkdv", dkdv, dkdv_cands), ("dq", dq, dq_cands))
                 for c in cands]  # fmt: skip
-        if S == 512:  # dropout (p = 0.1), as in training
+        if S == 512:  # dropout (p = 0.1), as in training: dq and dk/dv read the mask the backward packs first
             runs += [("dkdv", dkdv, c, True) for c in DROPOUT_DKDV_CANDIDATES]
             runs += [("dq", dq, c, True) for c in DROPOUT_DQ_CANDIDATES]
+            threshold, _, seed = _dropout_args(at, 0.1)
+            bits = torch.empty((B * H, S, triton.cdiv(S, 32) * 4), device="cuda", dtype=torch.uint8)
+            pack = lambda: at.pack_dropout_mask(lay, bits, threshold, seed, 0, B * H)  # noqa: E731
+            pack()
+            print(f"  packed dropout mask ({bits.numel() / 2**20:.1f} MiB)  {bench(pack):.4f} ms", flush=True)
         for name, kern, (bm, bn, nw, ns), drop in runs:
             p = 0.1 if drop else 0.0
-            flags = lay.flags(p, _dropout_args(at, p)[2], q.device)
+            flags = (*lay.bwd_flags(p, bits if drop else at.placeholder(q.device, torch.uint8)), 0)
 
             def run(bm=bm, bn=bn, nw=nw, ns=ns, name=name, kern=kern, flags=flags, drop=drop):
                 if name == "dkdv":

@@ -29,15 +29,18 @@ Backward (recomputes p from lse instead of storing it), with delta = rowsum(dout
     dv = dropout(p)ᵀ dout,   dp = dropout'(dout vᵀ),   ds = p · (dp - delta),   dk = dsᵀ q · scale,   dq = ds k · scale
 
 dk/dv come from one kernel looping over query blocks for a key block, dq from another looping over key blocks:
-no atomics, deterministic gradients. Dropout (Philox, _dropout_keep) is regenerated in the backward; row id
+no atomics, deterministic gradients. Dropout (Philox, _dropout_keep) is drawn again at the start of the backward,
+packed one bit a score (_attention_dropout_bits_kernel), and read by dq and dk/dv. Row id
 of query i of (b, h) is ``(b·heads + h)·seq_q + i`` padded and ``h·total_tokens + token`` varlen (the index of
 its lse); rows are seq_k long (seq_k = max_seqlen for varlen). Element (row, col) of the mask keeps iff the
 16-bit half ``col % 2`` (low, high) of word ``(col % 32) // 8`` of the Philox-4x32-10 evaluation at counter
 ``row · 4·cdiv(seq_k, 32) + 4·(col // 32) + (col % 8) // 2`` (64-bit, the seed in the upper 64 bits of the
 counter, key common.DROPOUT_KEY) is at least the threshold. That order follows the MMA accumulators: a thread
 holds columns 2t, 2t + 1, 2t + 8, ... of its rows, so one evaluation's eight draws are one thread's eight
-elements of a row in a 32-key block, and the forward and dq apply the mask where it is drawn (dk/dv, whose tile
-is transposed, moves it between threads).
+elements of a row in a 32-key block, and the forward applies the mask where it is drawn. The backward's packed
+mask keeps that order (byte 4g + t of a row: its evaluation (g, t); bit 2j + e: word j, half e), so dq unpacks
+it in place too; dk/dv, whose tile is transposed, gathers its bits in its own layout (drawn there, the mask had
+to move between threads).
 
 Memory: eager attention writes and reads the [B, H, S, S] scores and probabilities several times (fwd + bwd);
 this reads q, k, v once per query/key block and stores out and lse (O(S) per head).
@@ -102,9 +105,10 @@ _HALF = ("fp16", "bf16")
 # newest in flight (wait_group 2). In the sm_90 compile 3 stages cost the 16-bit forward and dq at head_dim 32 / 64
 # no instruction in their loops and keep them at <= 128 registers (two 8-warp blocks an SM) under Triton 3.9 and
 # 3.6, for 8-16 KB more shared memory a block; on sm_80 their loops grow 3-8%. dk/dv stays at 2: with 3, Triton
-# 3.6's masked loops grew 12-26%. At head_dim 128, 2 stages take the forward past 128 registers (and spill on
-# sm_80), so it keeps 1; dq and the dropout dk/dv are better with 2 in both Tritons (dq: 126-171 registers from
-# 164-252, 3-8% fewer instructions). Chosen from the compile (2026-12-02), not yet timed on a GPU.
+# 3.6's masked loops grew 12-26% (with dropout it runs 1: see its table). At head_dim 128, 2 stages take the
+# forward past 128 registers (and spill on sm_80), so it keeps 1; dq and the dropout dk/dv are better with 2 in
+# both Tritons (dq: 126-171 registers from 164-252, 3-8% fewer instructions). Chosen from the compile
+# (2026-12-02), not yet timed on a GPU.
 _FWD_CONFIGS = (
     (128, 64, 8, 3, _HALF, (32, 64), False),
     (128, 32, 8, 3, _HALF, (32, 64), True),  # (128 x 64 spilled on sm_80 at head_dim 32)
@@ -118,29 +122,38 @@ _FWD_CONFIGS = (
 # Entries split by dropout where Triton 3.6's or 3.9's register allocation spilled one of the variants (the
 # compile gate runs with CI's Triton; the Triton 3.6 results were checked with the same gate, see the notes).
 _DKDV_CONFIGS = (
-    (32, 128, 8, 2, _HALF, (32, 64)),
+    (32, 128, 8, 2, _HALF, (32, 64), False),
+    # (reading the packed dropout mask, 2 stages spilled on sm_80 at 255 registers; with 1 the sm_90 loop is shorter
+    # too: 272 / 394 instructions from 307 / 414, fp16 head_dim 64)
+    (32, 128, 8, 1, _HALF, (32, 64), True),
     (16, 64, 8, 1, _HALF, (128,), False),
     (32, 32, 8, 2, _HALF, (128,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
-    (16, 32, 8, 1, ("fp32",), (32, 128), False),
+    (16, 32, 8, 1, ("fp32",), (32, 128)),  # (32 x 32 spilled on sm_80 under Triton 3.6 with dropout)
     (16, 32, 4, 1, ("fp32",), (64,), False),
-    (32, 32, 8, 1, ("fp32",), (32, 64), True),
-    (16, 32, 8, 1, ("fp32",), (128,), True),  # (32 x 32 spilled on sm_80 under Triton 3.6)
+    (32, 32, 8, 1, ("fp32",), (64,), True),
 )
+# With dropout dq reads the backward's packed mask (_bits_keep); the dropout tiles below were re-chosen for it on
+# 2026-12-02 where the previous ones spilled on sm_80 (ptxas held them to 80-128 registers).
 _DQ_CONFIGS = (
     (128, 64, 8, 3, _HALF, (64,), False),
     (64, 64, 4, 3, _HALF, (32,), False),
     (128, 32, 8, 3, _HALF, (32, 64), True),
-    (32, 64, 8, 2, _HALF, (128,)),
+    (32, 64, 8, 2, _HALF, (128,), False),
+    (64, 64, 8, 2, _HALF, (128,), True),  # (32 x 64: 45 instructions a score on sm_90, here 32-39)
     (32, 32, 4, 1, ("fp32",), (32,), False),
-    (16, 32, 4, 1, ("fp32",), (32,), True),  # (chosen 2026-12-02: spill-free under Triton 3.9 and 3.6)
+    (16, 32, 4, 1, ("fp32",), (32,), True),
     (16, 16, 4, 1, ("fp32",), (64,), False),
-    (16, 32, 8, 2, ("fp32",), (64,), True),  # (1 stage spilled on sm_80 under Triton 3.6)
+    (32, 32, 8, 1, ("fp32",), (64, 128), True),
     (16, 16, 8, 1, ("fp32",), (128,), False),
-    (16, 32, 8, 1, ("fp32",), (128,), True),
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 _PREPROCESS_BLOCK_M = 64
 _PREPROCESS_WARPS = 8  # 4 spilled one register for fp32 d128 on sm_80 (Triton 3.6's gate)
+# The backward's packed dropout mask (_attention_dropout_bits_kernel): a program draws BLOCK_M rows x BLOCK_G
+# 32-key groups; the mask of at most this many bytes at a time (B·H·S²/8 in all: 12.6 MB for BERT-base's
+# 32 x 12 heads x 512; beyond the budget dq and dk/dv run in chunks of (batch, head)).
+_BITS_BLOCK_M, _BITS_BLOCK_G, _BITS_WARPS = 64, 4, 4  # (107 instructions an evaluation; 32 rows: 118)
+_DROPOUT_BITS_BUDGET = 256 * 2**20
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -174,34 +187,69 @@ def _meta(table, dtype: str, block_d: int, dropout: bool, interpreter: bool) -> 
 # q/k/v/out strides and head_dim, which are always 16-byte aligned / multiples of 16 (fresh allocations,
 # _aligned, HEAD_DIMS), so every launch compiles to the variant the gate checks, with vectorised loads.
 _RUNTIME_ARGS = ["is_varlen", "has_mask", "seq_q", "seq_k", "heads", "stride_bias_b",
-                 "dropout_threshold"]  # fmt: skip
+                 "dropout_threshold", "bits_len", "bh_offset"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dropout_draws(seed, rows, row_length, groups, threshold):
+    """The keep decisions of the dropout mask's Philox evaluations (row ``rows``, 32-key group ``groups``, t < 4),
+    in the order the module docstring gives: eight bool [rows, groups, 4] tensors, the low (a) and high (b) 16-bit
+    halves of words 0-3, for the columns 32g + 8j + 2t + (0 for a, 1 for b) of word j."""
+    per_row = tl.cdiv(row_length, 32) * 4
+    counters = (rows.to(tl.int64)[:, None, None] * per_row + (groups * 4)[None, :, None]
+                + tl.arange(0, 4)[None, None, :])  # fmt: skip
+    r0, r1, r2, r3 = philox_words(seed, counters)
+    return ((r0 & 0xFFFF).to(tl.int32) >= threshold, (r0 >> 16).to(tl.int32) >= threshold,
+            (r1 & 0xFFFF).to(tl.int32) >= threshold, (r1 >> 16).to(tl.int32) >= threshold,
+            (r2 & 0xFFFF).to(tl.int32) >= threshold, (r2 >> 16).to(tl.int32) >= threshold,
+            (r3 & 0xFFFF).to(tl.int32) >= threshold, (r3 >> 16).to(tl.int32) >= threshold)  # fmt: skip
+
+
+@triton.jit
+def _keep_tile(a0, b0, a1, b1, a2, b2, a3, b3, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] keep-mask tile of _dropout_draws' eight [m, g, 4] decisions."""
+    # [m, g, t, e, b, a] holding word j = 2b + a (the inner joins pair words 0 / 2 and 1 / 3 along b)
+    keep = tl.join(tl.join(tl.join(a0, b0), tl.join(a2, b2)), tl.join(tl.join(a1, b1), tl.join(a3, b3)))
+    keep = tl.permute(keep, (0, 1, 4, 5, 2, 3))  # [m, g, b, a, t, e]: column 32g + 8(2b + a) + 2t + e
+    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+
+
 @triton.jit
 def _dropout_keep(seed, rows, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep-mask [BLOCK_M, BLOCK_N] of a tile of the [rows, row_length] dropout mask (rows ``rows``, columns
     col_start + 0 .. BLOCK_N - 1; col_start and BLOCK_N multiples of 32), in the order the module docstring gives:
     one Philox evaluation per (row, 32-key group g, t < 4), its words j < 4 and halves e < 2 to the columns
-    32g + 8j + 2t + e. In the forward's and dq's orientation Triton then lays the mask out like the scores, and no
-    data moves between threads (with eight neighbouring columns per evaluation, the sm_90 compile moved the mask
+    32g + 8j + 2t + e. In the forward's orientation Triton then lays the mask out like the scores, and no data
+    moves between threads (with eight neighbouring columns per evaluation, the sm_90 compile moved the mask
     through shared memory in every iteration: ~90 instructions an iteration more)."""
     G: tl.constexpr = BLOCK_N // 32
     # (the tensor first: in the interpreter an int column start // a constexpr is a constexpr, which does not add
     # a tensor to itself)
     groups = tl.arange(0, G) + col_start // 32
-    per_row = tl.cdiv(row_length, 32) * 4
-    counters = (rows.to(tl.int64)[:, None, None] * per_row + (groups * 4)[None, :, None]
-                + tl.arange(0, 4)[None, None, :])  # fmt: skip
-    r0, r1, r2, r3 = philox_words(seed, counters)
-    k0 = tl.join((r0 & 0xFFFF).to(tl.int32) >= threshold, (r0 >> 16).to(tl.int32) >= threshold)  # [m, g, t, e]
-    k1 = tl.join((r1 & 0xFFFF).to(tl.int32) >= threshold, (r1 >> 16).to(tl.int32) >= threshold)
-    k2 = tl.join((r2 & 0xFFFF).to(tl.int32) >= threshold, (r2 >> 16).to(tl.int32) >= threshold)
-    k3 = tl.join((r3 & 0xFFFF).to(tl.int32) >= threshold, (r3 >> 16).to(tl.int32) >= threshold)
-    # [m, g, t, e, b, a] holding word j = 2b + a (the inner joins pair words 0 / 2 and 1 / 3 along b)
-    keep = tl.join(tl.join(k0, k2), tl.join(k1, k3))
-    keep = tl.permute(keep, (0, 1, 4, 5, 2, 3))  # [m, g, b, a, t, e]: column 32g + 8(2b + a) + 2t + e
-    return tl.reshape(keep, (BLOCK_M, BLOCK_N))
+    a0, b0, a1, b1, a2, b2, a3, b3 = _dropout_draws(seed, rows, row_length, groups, threshold)
+    return _keep_tile(a0, b0, a1, b1, a2, b2, a3, b3, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _bits_keep(bits_base, row_off, col_start, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr):  # fmt: skip
+    """_dropout_keep's tile read from the backward's packed mask (_attention_dropout_bits_kernel: byte 4g + t of a
+    row holds its evaluation (g, t), bit 2j + e column 32g + 8j + 2t + e) instead of drawn: one byte load per eight
+    elements. Row i starts at byte ``bits_base + row_off[i]`` (int32 offsets: a 64-bit pointer a row, held across
+    the loop, cost registers; rows past the sequence point at its last row). MASKED: groups past len_k are not
+    read (their keep is False, never used)."""
+    G: tl.constexpr = BLOCK_N // 32
+    groups = tl.arange(0, G) + col_start // 32
+    # one 32-bit word a (row, group): its byte t is evaluation (g, t) (row_off and the base are multiples of 4)
+    ptrs = bits_base.to(tl.pointer_type(tl.int32)) + (row_off // 4)[:, None] + groups[None, :]
+    if MASKED:
+        word = tl.load(ptrs, mask=(groups * 32 < len_k)[None, :], other=0)
+    else:
+        word = tl.load(ptrs)
+    byte = (word[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
+    return _keep_tile((byte & 1) != 0, (byte & 2) != 0, (byte & 4) != 0, (byte & 8) != 0, (byte & 16) != 0,
+                      (byte & 32) != 0, (byte & 64) != 0, (byte & 128) != 0, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
@@ -436,14 +484,17 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start, start_n, lo, hi, len_q,
-    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, dropout_threshold, dropout_scale, seed, seq_k,
+    dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start, lo, hi, len_q,
+    stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, dropout_scale, bits_base, byte_n, bit_n, n_ok, per_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """dk, dv over the query blocks lo, lo + BLOCK_M, ... < hi, in transposed tiles [BLOCK_N, BLOCK_M] (key rows,
     query columns). Unmasked (whole query blocks of a whole key block without padding mask): p = 2^(s·scale -
     lse), one fma per score, loads without a mask. Masked: p = 2^(s·scale + bias - lse) (-inf bias: p = 0), and
-    the loads past the sequence's end are masked: their lse is +inf (p = 0), their delta 0."""
+    the loads past the sequence's end are masked: their lse is +inf (p = 0), their delta 0. Dropout: the keep of
+    (key n, query m) is bit bit_n of byte bits_base + byte_n + m·per_row of the packed mask
+    (_attention_dropout_bits_kernel),
+    gathered in the transposed tile's own layout."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         tok_m = start + offs_m
@@ -469,10 +520,14 @@ def _dkdv_blocks(
         dpt = _dot(v, tl.trans(do))
         pt_drop = pt
         if HAS_DROPOUT:
-            # (transposed: the mask moves between threads here. Moving its bits packed eight to an int32 saved ~50
-            # instructions an iteration under Triton 3.9, but under 3.6 recomputed Philox four times over: 980)
-            keep = _dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
-            keep_t = tl.trans(tl.where(keep, dropout_scale, 0.0))
+            # (drawn here, the mask had to move between threads into the transposed tile: 505 instructions an
+            # iteration against 272 reading it, sm_90 fp16 head_dim 64)
+            ptrs = bits_base + (byte_n[:, None] + (offs_m * per_row)[None, :])
+            if MASKED:
+                byte = tl.load(ptrs, mask=n_ok[:, None] & (offs_m < len_q)[None, :], other=0)
+            else:
+                byte = tl.load(ptrs)
+            keep_t = tl.where(((byte.to(tl.int32) >> bit_n[:, None]) & 1) != 0, dropout_scale, 0.0)
             pt_drop = pt * keep_t
             dpt = dpt * keep_t
         dv += _dot(pt_drop.to(do.dtype), do)
@@ -497,7 +552,7 @@ def _attention_bwd_dkdv_kernel(
     seq_q, seq_k, heads, head_dim,
     sm_scale,  # scale (dk = dsᵀ q · scale)
     qk_scale,  # scale · log2(e)
-    is_varlen, has_mask, dropout_threshold, dropout_scale, seed_ptr,
+    is_varlen, has_mask, dropout_scale, bits_ptr, bits_len, bh_offset,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -505,13 +560,12 @@ def _attention_bwd_dkdv_kernel(
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along d
 ):  # fmt: skip
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh_offset
     b = bh // heads
     h = bh % heads
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_n * BLOCK_N >= len_k:
         return
-    seed = load_seed(seed_ptr, HAS_DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -532,6 +586,11 @@ def _attention_bwd_dkdv_kernel(
     row_base = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # Dropout: byte (n // 32)·4 + (n % 8) // 2, bit ((n % 32) // 8)·2 + n % 2 of query m's row in the packed mask
+    per_row = tl.cdiv(seq_k, 32) * 4
+    bits_base = bits_ptr + (bh - bh_offset).to(tl.int64) * bits_len * per_row
+    byte_n = (offs_n // 32) * 4 + (offs_n % 8) // 2
+    bit_n = ((offs_n % 32) // 8) * 2 + offs_n % 2
     # While this key block is whole and has no padding mask, its whole query blocks need no key bias and no query
     # mask (one fma per score for p); the rest, including the last, partial query block, take both (see
     # _dkdv_blocks). A third loop for whole query blocks under a key bias spilled on sm_80 (Triton 3.6), and
@@ -539,13 +598,11 @@ def _attention_bwd_dkdv_kernel(
     prefix = _attended_prefix(bias_ptr + b64 * stride_bias_b, stride_bias_b, len_k, has_mask)
     m_plain = tl.where(start_n + BLOCK_N <= prefix, (len_q // BLOCK_M) * BLOCK_M, 0)
     dk, dv = _dkdv_blocks(dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start,
-                          start_n, 0, m_plain, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                          dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
-                          False)  # fmt: skip
+                          0, m_plain, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, dropout_scale,
+                          bits_base, byte_n, bit_n, n_ok, per_row, BLOCK_M, BLOCK_N, HAS_DROPOUT, False)  # fmt: skip
     dk, dv = _dkdv_blocks(dk, dv, k, v, bias, q_base, do_base, lse_ptr, delta_ptr, row_base, offs_d, d_ok, start,
-                          start_n, m_plain, len_q, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale,
-                          dropout_threshold, dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT,
-                          True)  # fmt: skip
+                          m_plain, len_q, len_q, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, dropout_scale,
+                          bits_base, byte_n, bit_n, n_ok, per_row, BLOCK_M, BLOCK_N, HAS_DROPOUT, True)  # fmt: skip
 
     dk = dk * sm_scale
     tl.store(dk_ptr + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -556,8 +613,8 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, lo, hi, len_k,
-    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold, dropout_scale, seed, seq_k,
+    dq, q, do, lse, delta, bits_base, bits_off, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, lo, hi, len_k,
+    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """dq over the key blocks lo, lo + BLOCK_N, ... < hi. p = 2^(s·scale - lse), one fma per score; masked blocks
@@ -582,7 +639,7 @@ def _dq_blocks(
             p = tl.math.exp2(tl.fma(_dot(q, tl.trans(k)), qk_scale, -lse[:, None]))
         dp = _dot(do, vt)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows, seq_k, start_n, dropout_threshold, BLOCK_M, BLOCK_N)
+            keep = _bits_keep(bits_base, bits_off, start_n, len_k, BLOCK_M, BLOCK_N, MASKED)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k)
@@ -603,7 +660,7 @@ def _attention_bwd_dq_kernel(
     stride_bias_b,
     seq_q, seq_k, heads, head_dim,
     sm_scale, qk_scale,
-    is_varlen, has_mask, dropout_threshold, dropout_scale, seed_ptr,
+    is_varlen, has_mask, dropout_scale, bits_ptr, bits_len, bh_offset,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -611,13 +668,12 @@ def _attention_bwd_dq_kernel(
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along d
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh_offset
     b = bh // heads
     h = bh % heads
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
     if pid_m * BLOCK_M >= len_q:
         return
-    seed = load_seed(seed_ptr, HAS_DROPOUT)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -640,16 +696,66 @@ def _attention_bwd_dq_kernel(
     # Whole key blocks without a padding mask first (no key bias), then the rest, as in the forward.
     bias_row_ptr = bias_ptr + b64 * stride_bias_b
     n_full = (_attended_prefix(bias_row_ptr, stride_bias_b, len_k, has_mask) // BLOCK_N) * BLOCK_N
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, 0, n_full,
-                    len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
-                    dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, False)  # fmt: skip
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, n_full, len_k,
-                    len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_threshold,
-                    dropout_scale, seed, seq_k, BLOCK_M, BLOCK_N, HAS_DROPOUT, True)  # fmt: skip
+    # Dropout: the rows of this block in the packed mask (_attention_dropout_bits_kernel)
+    per_row = tl.cdiv(seq_k, 32) * 4
+    bits_base = bits_ptr + (bh - bh_offset).to(tl.int64) * bits_len * per_row
+    # (rows past the sequence read its last row, written and in bounds; their p is 0)
+    bits_off = tl.minimum(offs_m, len_q - 1) * per_row
+    dq = _dq_blocks(dq, q, do, lse, delta, bits_base, bits_off, k_base, v_base, bias_row_ptr, offs_d, d_ok, start, 0,
+                    n_full, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask, dropout_scale,
+                    BLOCK_M, BLOCK_N, HAS_DROPOUT, False)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse, delta, bits_base, bits_off, k_base, v_base, bias_row_ptr, offs_d, d_ok, start,
+                    n_full, len_k, len_k, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, has_mask,
+                    dropout_scale, BLOCK_M, BLOCK_N, HAS_DROPOUT, True)  # fmt: skip
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b64 * stride_dqb + h64 * stride_dqh + tok_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(dq_ptr.dtype.element_ty), mask=md_mask)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
+def _attention_dropout_bits_kernel(
+    bits_ptr,  # [chunk, bits_len, 4·cdiv(seq_k, 32)] uint8 out: (b, h) = bh_offset + chunk index
+    cu_seqlens_ptr,
+    seq_q, seq_k, heads, is_varlen, dropout_threshold,
+    seed_ptr,  # [1] int64, the forward's seed
+    bits_len,  # rows per (b, h): seq_q padded, max_seqlen varlen
+    bh_offset,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # 32-key groups a program draws per row
+):  # fmt: skip
+    """The backward's dropout mask, packed: the forward's Philox draws (_dropout_draws, the same counters and
+    threshold) for every (query, 32-key group) of the sequence, eight keep bits per evaluation in one byte (bit
+    2j + e: word j, half e), so dq and dk/dv read the mask instead of drawing it again; dk/dv, whose tile is
+    transposed, would otherwise also move it between threads. 1 bit a score, B·H·S²/8 bytes, freed after the
+    backward (the launcher works in chunks of (b, h) beyond _DROPOUT_BITS_BUDGET)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1) + bh_offset
+    g0 = tl.program_id(2) * BLOCK_G
+    b = bh // heads
+    h = bh % heads
+    start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
+    if pid_m * BLOCK_M >= len_q or g0 * 32 >= len_k:
+        return
+    seed = tl.load(seed_ptr)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = g0 + tl.arange(0, BLOCK_G)
+    rows = tl.where(is_varlen != 0, h, bh).to(tl.int64) * seq_q + start + offs_m
+    a0, b0, a1, b1, a2, b2, a3, b3 = _dropout_draws(seed, rows, seq_k, groups, dropout_threshold)
+    byte = (
+        a0.to(tl.int32)
+        | (b0.to(tl.int32) << 1)
+        | (a1.to(tl.int32) << 2)
+        | (b1.to(tl.int32) << 3)
+        | (a2.to(tl.int32) << 4)
+        | (b2.to(tl.int32) << 5)
+        | (a3.to(tl.int32) << 6)
+        | (b3.to(tl.int32) << 7)
+    )
+    local = ((bh - bh_offset).to(tl.int64) * bits_len + offs_m) * (tl.cdiv(seq_k, 32) * 4)
+    ptrs = bits_ptr + local[:, None, None] + (groups * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    ok = (offs_m < len_q)[:, None, None] & (groups * 32 < len_k)[None, :, None]
+    tl.store(ptrs, byte.to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -729,6 +835,10 @@ class _Layout:
 
     def meta(self, table, q: torch.Tensor, dropout_p: float) -> dict:
         return _meta(table, _dtype_name(q), self.block_d, dropout_p > 0.0, interpreting())
+
+    def bwd_flags(self, dropout_p: float, bits: torch.Tensor) -> tuple:
+        """dq's and dk/dv's (is_varlen, has_mask, dropout_scale, bits_ptr, bits_len); bh_offset follows."""
+        return int(self.varlen), int(self.has_mask), 1.0 / (1.0 - dropout_p), bits, self.max_q
 
     def flags(self, dropout_p: float, seed: torch.Tensor | None, device: torch.device) -> tuple:
         return (int(self.varlen), int(self.has_mask), dropout_threshold(dropout_p, DROPOUT_BITS.value),
@@ -836,24 +946,50 @@ def attention_bwd(
         BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
-    flags = lay.flags(dropout_p, seed, q.device)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     max_k = lay.max_q if lay.varlen else lay.seq_k
-    meta = lay.meta(_DKDV_CONFIGS, q, dropout_p)
-    _attention_bwd_dkdv_kernel[(cdiv(max_k, meta["BLOCK_N"]), lay.batch * lay.heads)](
-        q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
-        *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
-        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
-    )  # fmt: skip
-    meta = lay.meta(_DQ_CONFIGS, q, dropout_p)
-    _attention_bwd_dq_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
-        q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
-        *common, *_strides(dq), lay.bias.stride(0),
-        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags,
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
-    )  # fmt: skip
+    dkdv_meta, dq_meta = lay.meta(_DKDV_CONFIGS, q, dropout_p), lay.meta(_DQ_CONFIGS, q, dropout_p)
+    n_bh, chunk, bits = lay.batch * lay.heads, lay.batch * lay.heads, placeholder(q.device, torch.uint8)
+    if dropout_p > 0.0:
+        # The forward's mask, drawn once and packed (1 bit a score) for dq and dk/dv to read: in chunks of (b, h)
+        # when it would pass _DROPOUT_BITS_BUDGET (long sequences).
+        row_bytes = lay.max_q * cdiv(lay.seq_k, 32) * 4
+        if row_bytes >= 2**31:  # the kernels' offsets within a (batch, head) are int32
+            raise ValueError(f"attention dropout: sequences of {lay.max_q} x {lay.seq_k} are too long for the "
+                             "backward's packed mask (at most 2^31 bytes a head)")  # fmt: skip
+        chunk = max(1, min(n_bh, _DROPOUT_BITS_BUDGET // max(row_bytes, 1)))
+        bits = empty((chunk, lay.max_q, cdiv(lay.seq_k, 32) * 4), device=q.device, dtype=torch.uint8)
+        threshold, seed = dropout_threshold(dropout_p, DROPOUT_BITS.value), seed_arg(seed, q.device)
+    flags = lay.bwd_flags(dropout_p, bits)
+    for bh0 in range(0, n_bh, chunk):
+        n = min(chunk, n_bh - bh0)
+        if dropout_p > 0.0:
+            pack_dropout_mask(lay, bits, threshold, seed, bh0, n)
+        _attention_bwd_dkdv_kernel[(cdiv(max_k, dkdv_meta["BLOCK_N"]), n)](
+            q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
+            *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
+            lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags, bh0,
+            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION,
+            **dkdv_meta,
+        )  # fmt: skip
+        _attention_bwd_dq_kernel[(cdiv(lay.max_q, dq_meta["BLOCK_M"]), n)](
+            q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
+            *common, *_strides(dq), lay.bias.stride(0),
+            lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags, bh0,
+            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION,
+            **dq_meta,
+        )  # fmt: skip
     return dq, dk, dv
+
+
+def pack_dropout_mask(lay: _Layout, bits: torch.Tensor, threshold: int, seed: torch.Tensor, bh0: int, n: int) -> None:
+    """Write the packed dropout mask of the (batch, head) pairs bh0 .. bh0 + n - 1 into bits [>= n, lay.max_q,
+    4·cdiv(lay.seq_k, 32)] uint8 (_attention_dropout_bits_kernel): what attention_bwd's dq and dk/dv read."""
+    grid = (cdiv(lay.max_q, _BITS_BLOCK_M), n, cdiv(cdiv(lay.seq_k, 32), _BITS_BLOCK_G))
+    _attention_dropout_bits_kernel[grid](
+        bits, lay.cu, lay.seq_q, lay.seq_k, lay.heads, int(lay.varlen), threshold, seed, lay.max_q, bh0,
+        BLOCK_M=_BITS_BLOCK_M, BLOCK_G=_BITS_BLOCK_G, num_warps=_BITS_WARPS, enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
 
 
 def dropout_keep_mask(
@@ -877,10 +1013,10 @@ def dropout_keep_mask(
 # ----------------------------------------------------------------------------------------------- compile gate
 def _signature(names: str, dtype: str) -> dict[str, str]:
     """Kernel signature from a compact spec: 'T' pointers get the input dtype, 'F' fp32 pointers, 'B' int8,
-    'C' int32 and 'L' int64 pointers, 'i' i32, 'a' i32 divisible by 16 (the strides _aligned guarantees), 'l' i64,
-    'f' fp32 scalars, 'c' and '1' constexpr (the head_dim strides, always 1: see _aligned)."""
-    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "L": "*i64", "i": "i32", "a": "i32",
-             "l": "i64", "f": "fp32", "c": "constexpr", "1": "constexpr"}  # fmt: skip
+    'C' int32, 'L' int64 and 'U' uint8 pointers, 'i' i32, 'a' i32 divisible by 16 (the strides _aligned
+    guarantees), 'l' i64, 'f' fp32 scalars, 'c' and '1' constexpr (the head_dim strides, always 1: see _aligned)."""
+    kinds = {"T": f"*{dtype}", "F": "*fp32", "B": "*i8", "C": "*i32", "L": "*i64", "U": "*u8", "i": "i32",
+             "a": "i32", "l": "i64", "f": "fp32", "c": "constexpr", "1": "constexpr"}  # fmt: skip
     return {name: kinds[kind] for name, kind in (item.split(":") for item in names.split())}
 
 
@@ -892,11 +1028,12 @@ def _divisible(sig: str) -> tuple[str, ...]:
     """The arguments Triton specialises as divisible by 16 on every launch: all pointers (16-byte aligned: fresh
     allocations, or inputs _aligned / aligned_base checked) and the 'a' strides."""
     items = [item.split(":") for item in sig.split()]
-    return tuple(name for name, kind in items if kind in "TFBCLa")
+    return tuple(name for name, kind in items if kind in "TFBCLUa")
 
 
 _STRIDES = "stride_{0}b:a stride_{0}h:a stride_{0}{1}:a stride_{0}d:1"
 _FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed_ptr:L"
+_BWD_FLAGS = "is_varlen:i has_mask:i dropout_scale:f bits_ptr:U bits_len:i bh_offset:i"
 _FWD_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))
@@ -907,15 +1044,17 @@ _BWD_COMMON = " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n")
 _DKDV_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dk_ptr:T dv_ptr:T lse_ptr:F delta_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + _BWD_COMMON + " " + _STRIDES.format("dk", "n") + " " + _STRIDES.format("dv", "n")
-    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
+    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _BWD_FLAGS
     + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
 _DQ_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T do_ptr:T dq_ptr:T lse_ptr:F delta_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + _BWD_COMMON + " " + _STRIDES.format("dq", "m")
-    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _FLAGS
+    + " stride_bias_b:i seq_q:i seq_k:i heads:i head_dim:a sm_scale:f qk_scale:f " + _BWD_FLAGS
     + " BLOCK_M:c BLOCK_N:c BLOCK_D:c HAS_DROPOUT:c EVEN_D:c"
 )  # fmt: skip
+_BITS_SIG = ("bits_ptr:U cu_seqlens_ptr:C seq_q:i seq_k:i heads:i is_varlen:i dropout_threshold:i seed_ptr:L "
+             "bits_len:i bh_offset:i BLOCK_M:c BLOCK_G:c")  # fmt: skip
 _PRE_SIG = (
     "o_ptr:T do_ptr:T delta_ptr:F cu_seqlens_ptr:C " + _STRIDES.format("o", "m") + " " + _STRIDES.format("do", "m")
     + " seq_q:i seq_k:i heads:i head_dim:a is_varlen:i BLOCK_M:c BLOCK_D:c EVEN_D:c"
@@ -983,4 +1122,8 @@ def gate_cases() -> list[GateCase]:
                     _PREPROCESS_WARPS,
                     divisible=_divisible(_PRE_SIG), vector_loads=dtype != "fp32",
                 ))  # fmt: skip
+    cases.append(GateCase(
+        "attention_dropout_bits", _attention_dropout_bits_kernel, _signature(_BITS_SIG, "fp16"),
+        {"BLOCK_M": _BITS_BLOCK_M, "BLOCK_G": _BITS_BLOCK_G}, _BITS_WARPS, divisible=_divisible(_BITS_SIG),
+    ))  # fmt: skip
     return cases

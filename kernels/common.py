@@ -24,13 +24,16 @@ def _poison() -> bool:
 
 def empty(shape, *, device, dtype):
     """torch.empty for kernel outputs. Under FASTBERT_POISON=1 (set by the test suite before fastbert is
-    imported; read once) float outputs are filled with NaN first, so an element a kernel forgets to write fails
-    the tests instead of passing by luck."""
+    imported; read once) float outputs are filled with NaN first, and uint8 ones (attention's packed dropout
+    mask) with alternating bits, so an element a kernel forgets to write fails the tests instead of passing by
+    luck."""
     import torch
 
     out = torch.empty(shape, device=device, dtype=dtype)
     if _poison() and out.is_floating_point():
         out.fill_(float("nan"))
+    elif _poison() and dtype == torch.uint8:
+        out.fill_(0xA5)
     return out
 
 

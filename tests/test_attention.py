@@ -482,6 +482,45 @@ def test_long_sequence_gpu(dtype):
     check_against_reference(*make_inputs(1, 2, 8200, 64, dtype), mask=random_mask(1, 8200, lengths=[8100]))
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_dropout_backward_in_chunks_of_heads_is_the_same(monkeypatch, chunk):
+    """Past its byte budget (long sequences) the backward packs the dropout mask and runs dq and dk/dv for a
+    chunk of (batch, head) pairs at a time: the same gradients, bit for bit, padded with a mask and varlen."""
+    from fastbert.kernels import attention as kernels
+
+    b, h, s, d, p = 2, 2, 45, 32, 0.3
+    q, k, v, do = make_inputs(b, h, s, d, torch.float16)
+    mask = random_mask(b, s, seed=5)
+    lengths = [20, 45]
+    cu = torch.tensor([0, 20, 65], dtype=torch.int32, device=DEVICE)
+    packed = [torch.cat([t[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)]) for t in (q, k, v, do)]
+    calls = [(lambda *t: attention(*t, mask, dropout_p=p), (q, k, v), do),
+             (lambda *t: attention_varlen(*t, cu, 45, dropout_p=p), packed[:3], packed[3])]  # fmt: skip
+    real = kernels._attention_dropout_bits_kernel
+
+    class Spy:  # counts the mask's launches: one a chunk
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    for fn, inputs, grad in calls:
+        results, counts = [], []
+        for budget in (None, chunk * s * 4 * 2):  # rows x bytes a row (two 32-key groups) per chunk
+            launches = []
+            monkeypatch.setattr(kernels, "_attention_dropout_bits_kernel", Spy())
+            if budget is not None:
+                monkeypatch.setattr(kernels, "_DROPOUT_BITS_BUDGET", budget)
+            torch.manual_seed(7)
+            results.append(run(fn, inputs, grad))
+            counts.append(len(launches))
+            monkeypatch.undo()
+        assert counts == [1, -(-b * h // chunk)]
+        (out, grads), (out_c, grads_c) = results
+        assert torch.equal(out, out_c)
+        for g, gc in zip(grads, grads_c, strict=True):
+            assert torch.equal(g, gc)
+
+
 def test_varlen_dropout_matches_reference_with_kernel_mask():
     from fastbert.kernels.attention import dropout_keep_mask
 
