@@ -63,7 +63,8 @@ def attention(
         allowed = attention_mask.bool()[:, None, None, :]
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # all keys masked: softmax of all -inf
+    if attention_mask is not None:  # a query whose keys are all masked: zeros (softmax of all -inf is NaN)
+        probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
     probs = _dropout(probs, dropout_p, keep)
     return torch.matmul(probs, v)
 
@@ -80,8 +81,10 @@ def attention_varlen(
 ) -> torch.Tensor:
     """Attention within each packed sequence: q, k, v [total_tokens, heads, head_dim]; sequence i holds tokens
     cu_seqlens[i]:cu_seqlens[i+1]. Returns [total_tokens, heads, head_dim]."""
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the kernel's
     bounds = cu_seqlens.tolist()
+    if bounds[-1] == bounds[0]:  # no token: still a result autograd connects to q, k, v
+        return out.zero_() + 0.0 * (q.sum() + k.sum() + v.sum())
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue

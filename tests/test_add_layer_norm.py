@@ -89,6 +89,15 @@ def test_non_contiguous_inputs():
     check_against_reference(wide[:, :128], wide[:, 128:256], w[:128], b[:128], torch.randn(5, 128, device=DEVICE))
 
 
+def test_strided_and_expanded_weight_and_bias():
+    """weight and bias views that are not contiguous vectors (every other element; one value expanded): the
+    kernel reads them as given, not as if contiguous."""
+    x, r, w, b, dy = make_inputs((3, 96), torch.float32)
+    check_against_reference(x, r, w.repeat_interleave(2)[::2], b.repeat_interleave(2)[::2], dy)
+    out = ops.add_layer_norm(x, r, w[:1].expand(96), b[:1].expand(96))
+    torch.testing.assert_close(out, reference.add_layer_norm(x, r, w[:1].expand(96), b[:1].expand(96)))
+
+
 def test_eps_is_used():
     x, r, w, b, dy = make_inputs((4, 64), torch.float32)
     check_against_reference(x * 1e-3, r * 1e-3, w, b, dy, eps=1e-2)
@@ -206,6 +215,7 @@ def test_zero_rows():
         ("param_dtype", "share a dtype"),
         ("int", "float16, bfloat16 or float32"),
         ("too_wide", "beyond add_layer_norm's limit"),
+        ("zero_hidden", "must not be 0"),
         ("dropout", "dropout_p"),
         ("device", "one device"),
     ],
@@ -225,6 +235,8 @@ def test_bad_input_raises_value_error(case, message):
         x = x.long()
     elif case == "too_wide":
         x, r, w, b, _ = make_inputs((1, 8200), torch.float32)
+    elif case == "zero_hidden":
+        x, r, w, b, _ = make_inputs((2, 0), torch.float32)
     elif case == "dropout":
         kwargs["dropout_p"] = 1.0
     elif case == "device":

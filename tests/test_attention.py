@@ -189,6 +189,43 @@ def test_padded_with_mask_equals_varlen(dtype):
         torch.testing.assert_close(vg * real, g * real, **tol)
 
 
+def test_varlen_reads_a_strided_cu_seqlens():
+    """cu_seqlens as a strided view: read by value, not as if contiguous."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(30, 2, 32, generator=g).to(DEVICE) for _ in range(3))
+    cu = torch.tensor([0, 99, 11, 99, 30, 99], dtype=torch.int32, device=DEVICE)[::2]
+    assert not cu.is_contiguous()
+    expected = attention_varlen(q, k, v, cu.contiguous(), 19)
+    torch.testing.assert_close(attention_varlen(q, k, v, cu, 19), expected)
+    torch.testing.assert_close(attention_varlen(q, k, v, cu, 19, validate=False), expected)
+
+
+def test_unpad_and_pad_refuse_what_they_would_misread():
+    hidden = torch.randn(1, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="bool or integer"):  # an additive mask (0 = attend) would be inverted
+        unpad(hidden, torch.tensor([[0.0, 0.0, -1e4, -1e4]], device=DEVICE))
+    with pytest.raises(ValueError, match="must be tensors"):
+        unpad(hidden, [[1, 1, 0, 0]])
+    packed, indices, _, _ = unpad(hidden, torch.tensor([[1, 1, 0, 0]], device=DEVICE))
+    with pytest.raises(ValueError, match="one index a row"):
+        pad(packed, indices[:1], 1, 4)
+    with pytest.raises(ValueError, match="one index a row"):
+        pad(packed, indices, 1, 1)
+    with pytest.raises(ValueError, match="1-D integer"):
+        pad(packed, indices.float(), 1, 4)
+
+
+def test_reference_propagates_nan_like_the_kernel():
+    """The eager reference zeros only the rows whose keys are all masked: a NaN input gives NaN, as in the kernel
+    (and SDPA), so the CPU fallback does not hide it."""
+    q, k, v, _ = make_inputs(1, 1, 4, 32, torch.float32)
+    q[0, 0, 1, 0] = float("nan")
+    assert torch.isnan(reference.attention(q, k, v)[0, 0, 1]).all()
+    assert torch.isnan(attention(q, k, v)[0, 0, 1]).all()
+    mask = torch.tensor([[0, 0, 0, 0]], device=DEVICE)
+    assert (reference.attention(q.nan_to_num(), k, v, mask) == 0).all()
+
+
 def test_varlen_matches_reference():
     lengths = [5, 1, 37, 0, 16]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)

@@ -220,6 +220,21 @@ def test_keeps_no_vocab_sized_float32_tensor():
     assert sum(n for _, n in saved.values()) <= x.nbytes // 2 + w.nbytes + labels.nbytes + logits_bytes + 4 * rows + 4
 
 
+def test_strided_and_int32_labels(monkeypatch):
+    """Labels as a strided view (a column of a batch) and as int32, on the kernel path and the eager one."""
+    x, w, b, labels = make_inputs(6, 16, 70, torch.float32)
+    column = torch.stack([labels, torch.zeros_like(labels)], dim=1)[:, 0]  # stride 2
+    assert not column.is_contiguous()
+    check_against_reference(x, w, b, column)
+    expected = reference.linear_cross_entropy(x, w, b, labels)[1]
+    torch.testing.assert_close(linear_cross_entropy(x, w, b, labels.int())[1], expected)
+    torch.testing.assert_close(linear_cross_entropy(x, w, b, column.int())[1], expected)
+    import fastbert.ops._linear_cross_entropy as mod
+
+    monkeypatch.setattr(mod, "use_triton", lambda t: False)  # the eager path (F.cross_entropy wants int64)
+    torch.testing.assert_close(linear_cross_entropy(x, w, b, column.int())[1], expected)
+
+
 def test_bad_input_raises():
     x, w, b, labels = make_inputs(4, 16, 100, torch.float32)
     with pytest.raises(ValueError, match="hidden size"):
@@ -238,6 +253,8 @@ def test_bad_input_raises():
         linear_cross_entropy(x, w, b, labels.to("meta"))
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         linear_cross_entropy(x.double(), w.double(), b.double(), labels)
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        linear_cross_entropy(x, w, b, labels, ignore_index=-100.5)
 
 
 def test_custom_op_opcheck():

@@ -172,6 +172,7 @@ def test_zero_rows():
         ("bias", "bias must have shape"),
         ("k_not_8", "multiples of 8"),
         ("n_not_8", "multiples of 8"),
+        ("k_zero", "nonzero multiples of 8"),
         ("dtype", "one dtype"),
         ("int", "float16, bfloat16 or float32"),
         ("approximate", "approximate must be one of"),
@@ -191,6 +192,8 @@ def test_bad_input_raises_value_error(case, message):
         x, w = x[:, :12], w[:, :12]
     elif case == "n_not_8":
         w, b = w[:20], b[:20]
+    elif case == "k_zero":
+        x, w = x[:, :0], w[:, :0]
     elif case == "dtype":
         w = w.half()
     elif case == "int":

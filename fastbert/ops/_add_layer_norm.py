@@ -144,6 +144,8 @@ def _validate(x, residual, weight, bias, autocast: bool) -> None:
                          f"got {weight.dtype} and {bias.dtype}")  # fmt: skip
     if n > MAX_HIDDEN:
         raise ValueError(f"hidden size {n} is beyond add_layer_norm's limit of {MAX_HIDDEN}")
+    if n == 0:
+        raise ValueError(f"the hidden size must not be 0, got x {tuple(x.shape)}")
 
 
 def add_layer_norm(
@@ -157,12 +159,12 @@ def add_layer_norm(
 ) -> torch.Tensor:
     """``layer_norm(dropout(x) + residual) * weight + bias`` over the last dimension, in one fused kernel.
 
-    x, residual: [..., hidden] of one shape and dtype (fp16, bf16 or fp32), any strides; weight, bias: [hidden]
-    in that dtype or fp32. Statistics are computed in fp32. ``dropout_p`` > 0 applies dropout to ``x`` inside
-    the kernel (Philox, seeded from PyTorch's generator so ``torch.manual_seed`` reproduces it; 32-bit draws: the
-    keep probability is 1 - p within 2^-33); pass 0 at inference. Under ``torch.autocast`` it follows PyTorch's
-    autocast layer_norm: the result is float32, and x may be half while residual is float32 (read as they are:
-    no cast copies). Returns [..., hidden] in residual's dtype. CPU tensors run the eager reference unless
+    x, residual: [..., hidden] of one shape and dtype (fp16, bf16 or fp32), any strides; weight, bias: [hidden] in
+    that dtype or fp32, any strides. Statistics are computed in fp32. ``dropout_p`` > 0 applies dropout to ``x``
+    inside the kernel (Philox, seeded from PyTorch's generator so ``torch.manual_seed`` reproduces it; 32-bit draws:
+    the keep probability is 1 - p within 2^-33); pass 0 at inference. Under ``torch.autocast`` it follows PyTorch's
+    autocast layer_norm: the result is float32, and x may be half while residual is float32 (read as they are: no
+    cast copies). Returns [..., hidden] in residual's dtype. CPU tensors run the eager reference unless
     TRITON_INTERPRET=1.
     """
     dropout_p = check_dropout_p(dropout_p)
@@ -176,6 +178,8 @@ def add_layer_norm(
 
     n = x.shape[-1]
     x2, r2 = rows_view(x, n), rows_view(residual, n)
+    # the kernels read weight and bias as contiguous vectors (a strided or expanded one is copied)
+    weight, bias = weight.contiguous(), bias.contiguous()
     if dropout_p > 0.0 and n > MAX_HIDDEN_DROPOUT:
         # Documented fallback: the fused backward would spill with the mask live at this width.
         x2, dropout_p = F.dropout(x2, dropout_p), 0.0

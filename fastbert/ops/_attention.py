@@ -265,8 +265,9 @@ def attention_varlen(
     length (as returned by unpad). Returns [total_tokens, heads, head_dim] contiguous. Dropout's keep-mask of
     token t, head h is row ``h · total_tokens + t`` (see fastbert.kernels.attention).
 
-    ``validate`` reads cu_seqlens on the host to check it (one device sync). Pass False only for a cu_seqlens
-    built by ``unpad`` (fastbert.optimize does, once per forward): wrong offsets would read out of bounds. Under
+    ``validate`` reads cu_seqlens on the host to check it and max_seqlen against it (one device sync). Pass False
+    only for a cu_seqlens and max_seqlen built by ``unpad`` (fastbert.optimize does, once per forward): wrong
+    offsets would read out of bounds, a max_seqlen below the longest length leaves rows unwritten. Under
     torch.compile the values are never read (that would break the graph)."""
     dropout_p = check_dropout_p(dropout_p)
     _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
@@ -280,6 +281,7 @@ def attention_varlen(
     # Reading the values would break a compiled graph: eager calls check them.
     if validate and not torch.compiler.is_compiling():
         _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    cu_seqlens = cu_seqlens.contiguous()  # the kernels read it as a contiguous vector (a no-op for unpad's)
     q, k, v = _autocast(q, k, v)
     scale = _scale(q, scale)
     if not use_triton(q):
@@ -294,6 +296,13 @@ def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
     """Pack the attended tokens of hidden [batch, seq, ...] (attention_mask [batch, seq], 1 = token) into
     [total_tokens, ...]. Returns (packed, indices [total] int64 into batch·seq, cu_seqlens [batch + 1] int32,
     max_seqlen int). Differentiable in hidden. Syncs once (max_seqlen)."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"hidden and attention_mask must be tensors, got {type(hidden).__name__} and "
+                         f"{type(attention_mask).__name__}")  # fmt: skip
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        # (an additive float mask, 0 = attend, would be read the other way round)
+        raise ValueError(f"attention_mask must be bool or integer (1 = token), got {attention_mask.dtype}")
+    check_same_device(hidden=hidden, attention_mask=attention_mask)
     if attention_mask.dim() != 2 or hidden.shape[:2] != attention_mask.shape:
         raise ValueError(f"hidden [batch, seq, ...] {tuple(hidden.shape)} and attention_mask [batch, seq] "
                          f"{tuple(attention_mask.shape)} must agree")  # fmt: skip
@@ -308,7 +317,17 @@ def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
 
 def pad(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of unpad: scatter packed [total, ...] back to [batch, seqlen, ...], zeros at padding.
-    Differentiable in packed."""
+    Differentiable in packed. indices: as unpad returns them (distinct, in [0, batch·seqlen); not checked, which
+    would cost a device sync)."""
+    if not isinstance(packed, torch.Tensor) or not isinstance(indices, torch.Tensor):
+        raise ValueError(f"packed and indices must be tensors, got {type(packed).__name__} and "
+                         f"{type(indices).__name__}")  # fmt: skip
+    if indices.dim() != 1 or indices.is_floating_point() or indices.dtype == torch.bool or packed.dim() == 0:
+        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if indices.numel() != packed.shape[0] or indices.numel() > batch * seqlen:
+        raise ValueError(f"packed {tuple(packed.shape)} needs one index a row, at most batch · seqlen = "
+                         f"{batch * seqlen}; got {indices.numel()} indices")  # fmt: skip
+    check_same_device(packed=packed, indices=indices)
     out = packed.new_zeros((batch * seqlen, *packed.shape[1:]))
     out = out.index_put((indices,), packed)
     return out.view(batch, seqlen, *packed.shape[1:])

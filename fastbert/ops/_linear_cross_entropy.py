@@ -167,13 +167,13 @@ def linear_cross_entropy(
     """``logits = x @ weight.T + bias`` and ``F.cross_entropy(logits.view(-1, vocab), labels.view(-1),
     ignore_index=ignore_index)`` (the mean over the labelled rows), the masked-LM head's decoder and loss.
 
-    x: [..., hidden]; weight: [vocab, hidden] (nn.Linear layout); bias: [vocab] or None; labels: integers, one per
-    row of x (``ignore_index`` marks an unlabelled row); one float dtype, or under ``torch.autocast`` any (cast as
-    F.linear casts). Returns ``(logits, loss)``: logits [..., vocab] in the compute dtype, as F.linear gives them,
-    but a view whose row stride is the vocabulary padded to a multiple of 64 (``logits.view(-1, vocab)`` works;
-    a flat ``view(-1)`` needs ``reshape``); loss a scalar, float32 under autocast (as eager autocast), else x's
-    dtype. With no labelled row the loss is NaN, as in PyTorch. A label outside [0, vocab) that is not
-    ignore_index gives a NaN loss (and NaN gradients) on the kernel path, where PyTorch raises.
+    x: [..., hidden]; weight: [vocab, hidden] (nn.Linear layout); bias: [vocab] or None; labels: integers (any
+    integer dtype and strides), one per row of x (``ignore_index`` marks an unlabelled row); one float dtype, or
+    under ``torch.autocast`` any (cast as F.linear casts). Returns ``(logits, loss)``: logits [..., vocab] in the
+    compute dtype, as F.linear gives them, but a view whose row stride is the vocabulary padded to a multiple of 64
+    (``logits.view(-1, vocab)`` works; a flat ``view(-1)`` needs ``reshape``); loss a scalar, float32 under autocast
+    (as eager autocast), else x's dtype. With no labelled row the loss is NaN, as in PyTorch. A label outside [0,
+    vocab) that is not ignore_index gives a NaN loss (and NaN gradients) on the kernel path, where PyTorch raises.
 
     The loss reads the logits as they are and keeps only a logsumexp per row for the backward, which writes the
     logits' gradient in their dtype: none of eager autocast's fp32 copies of [tokens, vocab]. That backward reads
@@ -182,6 +182,9 @@ def linear_cross_entropy(
     """
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     _validate(x, weight, bias, labels, autocast)
+    if isinstance(ignore_index, bool) or int(ignore_index) != ignore_index:
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    labels = labels.long()  # (F.cross_entropy takes int64 class indices; a no-op for them)
     if autocast:
         x = x.to(autocast_dtype(x.device.type))  # weight and bias are cast inside, with the padding
     if not use_triton(x):
@@ -195,7 +198,7 @@ def linear_cross_entropy(
 
     v, h = weight.shape
     x2 = x.reshape(-1, h)
-    labels2 = labels.reshape(-1).long()
+    labels2 = labels.reshape(-1).contiguous()  # the kernels read one label a row, contiguous
     logits, loss, _, _ = call(_fwd, _eager, x2, weight, bias, labels2, int(ignore_index))
     logits = logits[:, :v].view(*x.shape[:-1], v)
     return logits, (loss if autocast else loss.to(x.dtype))

@@ -102,8 +102,9 @@ def _validate(x, weight, bias, approximate, autocast: bool) -> None:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     check_same_device(x=x, weight=weight, bias=bias)
     n, k = check_linear(x, weight, bias, autocast, "out_features", "in_features")
-    if k % 8 or n % 8:
-        raise ValueError(f"in_features and out_features must be multiples of 8, got weight {tuple(weight.shape)}")
+    if k % 8 or n % 8 or k == 0 or n == 0:
+        raise ValueError(f"in_features and out_features must be nonzero multiples of 8, got weight "
+                         f"{tuple(weight.shape)}")  # fmt: skip
 
 
 def linear_gelu(
