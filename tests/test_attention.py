@@ -215,6 +215,20 @@ def test_unpad_and_pad_refuse_what_they_would_misread():
         pad(packed, indices.float(), 1, 4)
 
 
+def test_eager_varlen_is_contiguous_and_differentiable_without_tokens(monkeypatch):
+    """The eager path (CPU without the interpreter) returns what the kernel path does: a contiguous result, and one
+    that autograd connects to q, k, v even when there is no token."""
+    from fastbert.ops import _attention as mod
+
+    monkeypatch.setattr(mod, "use_triton", lambda t: False)
+    q = torch.randn(2, 10, 32, device=DEVICE).transpose(0, 1)  # [10 tokens, 2 heads, 32], not contiguous
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    assert attention_varlen(q, q, q, cu, 6).is_contiguous()
+    empty = torch.randn(0, 2, 32, device=DEVICE, requires_grad=True)
+    out = attention_varlen(empty, empty, empty, torch.zeros(2, dtype=torch.int32, device=DEVICE), 0)
+    assert out.shape == (0, 2, 32) and out.requires_grad
+
+
 def test_reference_propagates_nan_like_the_kernel():
     """The eager reference zeros only the rows whose keys are all masked: a NaN input gives NaN, as in the kernel
     (and SDPA), so the CPU fallback does not hide it."""
