@@ -103,6 +103,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
         return eager_attention_forward(module, query, key, value, _as_4d(attention_mask, query), dropout=dropout,
                                        scaling=scaling, **kwargs)  # fmt: skip
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+        # A mask the caller built (4-D, additive or bool): transformers' eager attention applies it as given.
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       **kwargs)  # fmt: skip
     if isinstance(attention_mask, VarlenBatch):
         # The layer viewed [tokens, hidden] as [tokens, heads, head_dim] and transposed: undo the transpose.
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -131,6 +137,8 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     None when no token is padded (checked on the host unless tracing or capturing a CUDA graph)."""
     if attention_mask is None:
         return None
+    if attention_mask.dim() != 2:  # the caller's own (4-D) mask: attention_forward hands it to eager attention
+        return attention_mask
     attention_mask = attention_mask[:, -kv_length:].bool()
     if torch.compiler.is_compiling() or (attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()):
         return attention_mask
@@ -234,8 +242,9 @@ def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_st
     # to an encoder without one.
     for key in ("position_ids", "past_key_values", "cache", "use_cache"):
         kwargs.pop(key, None)
-    for layer in self.layer:
-        packed = layer(packed, batch, None, **kwargs)
+    if packed.shape[0]:  # (a batch without a single token: nothing to run, zeros at every position)
+        for layer in self.layer:
+            packed = layer(packed, batch, None, **kwargs)
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=ops.pad(packed, indices, B, S))
 
 
@@ -370,8 +379,27 @@ def _swap(module: nn.Module, forward, tag: str) -> None:
     cls = type(module)
     key = (cls, tag)
     if key not in _SUBCLASSES:
-        _SUBCLASSES[key] = type(f"Fastbert{cls.__name__}", (cls,), {"forward": forward, "_fastbert_base": cls})
+        attrs = {"forward": forward, "_fastbert_base": cls, "_fastbert_tag": tag, "__reduce_ex__": _reduce_swapped}
+        _SUBCLASSES[key] = type(f"Fastbert{cls.__name__}", (cls,), attrs)
     module.__class__ = _SUBCLASSES[key]
+
+
+# What each _swap tag's forward is: a swapped module pickles as its transformers class, its tag and its state.
+_FORWARDS = {"attention": _self_attention_forward, "add_ln": _add_ln_forward, "intermediate": _intermediate_forward,
+             "encoder": _encoder_forward, "decoder": _decoder_forward}  # fmt: skip
+
+
+def _reduce_swapped(self, protocol):
+    """pickle / copy of a swapped module: the subclasses are made at run time, so pickle could not find them by
+    name (torch.save(model) failed); it rebuilds the transformers class, swaps it again and sets the state."""
+    return _rebuild_swapped, (type(self)._fastbert_base, type(self)._fastbert_tag), self.__getstate__()
+
+
+def _rebuild_swapped(base: type, tag: str) -> nn.Module:
+    register()  # (a new process: the optimized config names the "fastbert" attention implementation)
+    module = base.__new__(base)
+    _swap(module, _FORWARDS[tag], tag)
+    return module
 
 
 def _is_swapped(module: nn.Module) -> bool:
@@ -495,10 +523,14 @@ def optimize(model: nn.Module) -> nn.Module:
         key = f"{type(module)._fastbert_base.__name__} (Linear + bias + GELU)"
         summary.accelerated[key] = summary.accelerated.get(key, 0) + 1
 
-    if blocker is None:
+    if blocker is None and not type(hf).__name__.endswith("ForQuestionAnswering"):
         for module in parts.get("encoder", []):
             _swap(module, _encoder_forward, "encoder")
             summary.accelerated["encoder (unpad once, varlen layers)"] = 1
+    elif blocker is None:
+        # Its loss takes a softmax over every position, padding included, whose scores transformers computes from
+        # the padding tokens' hidden states: the encoder runs the padded batch (fused attention, padding mask).
+        summary.skipped["encoder unpadding"] = "question answering scores every position, padding included"
     else:
         summary.skipped["encoder unpadding"] = "needs the fused attention"
 
@@ -533,5 +565,6 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def summary(model: nn.Module) -> Summary | None:
-    """The Summary fastbert.optimize attached to ``model``, or None if it is not optimized."""
+    """The Summary fastbert.optimize attached to ``model``, or None if it is not optimized (a model fastbert does
+    not know, e.g. not a transformers model, raises ValueError as optimize does)."""
     return getattr(_find_model(model), "fastbert_summary", None)

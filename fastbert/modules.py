@@ -2,7 +2,10 @@
 the same ops on HuggingFace models).
 
 Each module is constructible like its torch.nn counterpart, or from an existing module with ``from_...``
-classmethods that share (never copy) the parameters, so state_dict keys and values are unchanged:
+classmethods that share (never copy) the parameters. A single-layer module (FusedAddLayerNorm, FusedLinearGELU)
+has its counterpart's state_dict keys; the composite ones name their parts (FusedFeedForward: intermediate.*,
+output.*, norm.*, where transformers has intermediate.dense.*, output.dense.*, output.LayerNorm.*), so load a
+transformers state_dict into the transformers modules and build these from them:
 
 - FusedAddLayerNorm(hidden, eps)           nn.LayerNorm that also takes the residual: LN(dropout(x) + residual)
 - FusedLinearGELU(in, out, approximate)    nn.Linear followed by GELU, in one GEMM
@@ -64,10 +67,11 @@ def linear_after_gelu(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
 class FusedAddLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` whose forward adds a residual first, with optional dropout on ``x``:
     ``forward(x, residual) = layer_norm(dropout(x) + residual)``, one kernel (forward and backward).
-    ``dropout`` applies in training mode only, like ``nn.Dropout``. Same parameters (weight, bias) and
-    state_dict as nn.LayerNorm; requires elementwise_affine=True and bias=True."""
+    ``dropout`` (keyword-only: nn.LayerNorm's third positional argument is elementwise_affine) applies in
+    training mode only, like ``nn.Dropout``. Same parameters (weight, bias) and state_dict as nn.LayerNorm, always
+    affine with a bias; eps defaults to BERT's 1e-12 (nn.LayerNorm's is 1e-5)."""
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-12, dropout: float = 0.0, device=None, dtype=None):
+    def __init__(self, normalized_shape: int, eps: float = 1e-12, *, dropout: float = 0.0, device=None, dtype=None):
         super().__init__(normalized_shape, eps=eps, elementwise_affine=True, device=device, dtype=dtype)
         if len(self.normalized_shape) != 1:
             raise ValueError(f"FusedAddLayerNorm normalises the last dimension only, got {self.normalized_shape}")

@@ -337,6 +337,9 @@ def add_layer_norm_bwd(
     has_dropout = dropout_p > 0.0
     dresidual = empty((M, N), device=x.device, dtype=residual.dtype)
     dx = empty((M, N), device=x.device, dtype=x.dtype) if has_dropout else None
+    if M == 0:  # no rows: nothing to launch, zero parameter gradients
+        zeros = torch.zeros(N, device=x.device, dtype=weight.dtype)
+        return dx, dresidual, zeros, zeros.clone()
     block_m, block_n, num_warps = bwd_config(N)
     tiles = cdiv(M, block_m)
     tiles_per_program = cdiv(tiles, max(1, min(num_programs_for(x.device), tiles)))

@@ -202,8 +202,10 @@ def test_cpu_without_interpreter_runs_reference(monkeypatch):
 
 
 def test_zero_rows():
-    x, r, w, b, _ = make_inputs((0, 64), torch.float32)
+    x, r, w, b, dy = make_inputs((0, 64), torch.float32)
     assert ops.add_layer_norm(x, r, w, b).shape == (0, 64)
+    out, grads = run(lambda *t: ops.add_layer_norm(*t), (x, r, w, b), dy)  # the backward too (it divided by 0)
+    assert out.shape == (0, 64) and all((g == 0).all() for g in grads[2:]) and grads[0].shape == (0, 64)
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,16 @@ def test_cpu_without_interpreter_runs_reference(monkeypatch):
     torch.testing.assert_close(linear_gelu(x, w, b), reference.linear_gelu(x, w, b))
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's warning")
+def test_bf16_in_the_interpreter_warns():
+    x, w, b, _ = make_inputs((4,), 16, 32, torch.float32)
+    from fastbert.ops import _common
+
+    _common._warn_bf16_interpreted.cache_clear()
+    with pytest.warns(RuntimeWarning, match="bfloat16 kernels under TRITON_INTERPRET=1 give wrong numbers"):
+        linear_gelu(x.bfloat16(), w.bfloat16(), b.bfloat16())
+
+
 def test_zero_rows():
     x, w, b, _ = make_inputs((0,), 16, 32, torch.float32)
     assert linear_gelu(x, w, b).shape == (0, 32)

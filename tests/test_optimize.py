@@ -414,6 +414,54 @@ def test_bert_twins(model_type):
                                    msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
 
 
+def test_pickle_and_torch_save_round_trip(tmp_path):
+    """An optimized model pickles (torch.save of the whole model): it loads optimized, with the same answers, and
+    restores to transformers' classes."""
+    ref, fast = pair(transformers.BertForMaskedLM, bert_config())
+    torch.save(fast, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.bert.encoder).__name__ == "FastbertBertEncoder" and fastbert.summary(loaded) is not None
+    ids, mask = batch()
+    valid = mask.bool()
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (loaded, ref))
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+    fastbert.restore(loaded)
+    assert not any(type(m).__name__.startswith("Fastbert") for m in loaded.modules())
+
+
+def test_batch_without_tokens_and_a_4d_mask():
+    """A mask with no token at all (zeros out, as the padding positions of any batch), and a caller's own 4-D
+    additive mask (transformers' eager attention applies it: same answers)."""
+    ref, fast = pair(transformers.BertModel, bert_config())
+    ids, mask = batch()
+    with torch.no_grad():
+        out = fast(input_ids=ids, attention_mask=torch.zeros_like(mask)).last_hidden_state
+        assert out.shape == (*ids.shape, 64) and (out == 0).all()
+        additive = (1.0 - mask[:, None, None, :].float()) * -1e9
+        a, b = (m(input_ids=ids, attention_mask=additive).last_hidden_state for m in (fast, ref))
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_question_answering_runs_padded_and_matches_on_padded_batches():
+    """Question answering's loss is a softmax over every position, padding included: its encoder does not unpad,
+    so loss and gradients match transformers' on a padded batch."""
+    ref, fast = pair(transformers.BertForQuestionAnswering, bert_config())
+    assert "encoder unpadding" in fastbert.summary(fast).skipped
+    ids, mask = batch()
+    starts, ends = torch.tensor([3, 2, 0], device=DEVICE), torch.tensor([5, 6, 0], device=DEVICE)
+    for m in (ref, fast):
+        m.train()
+        out = m(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends)
+        out.loss.backward()
+        m.loss_value = out.loss.detach()
+    torch.testing.assert_close(fast.loss_value, ref.loss_value, rtol=1e-5, atol=1e-5)
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+
 def test_state_dict_shared_restore_and_idempotent(tmp_path):
     torch.manual_seed(0)
     model = transformers.BertForMaskedLM(bert_config()).to(DEVICE)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -22,7 +24,17 @@ def use_triton(t: torch.Tensor) -> bool:
         if not _TRITON:
             raise RuntimeError("fastbert needs Triton for CUDA tensors: pip install triton")
         return True
-    return t.device.type == "cpu" and _TRITON and interpreting()
+    run = t.device.type == "cpu" and _TRITON and interpreting()
+    if run and t.dtype == torch.bfloat16:
+        _warn_bf16_interpreted()
+    return run
+
+
+@functools.cache
+def _warn_bf16_interpreted() -> None:
+    warnings.warn("fastbert: bfloat16 kernels under TRITON_INTERPRET=1 give wrong numbers (Triton's interpreter "
+                  "holds bfloat16 as raw bits); use float16 or float32 in the interpreter, or a GPU",
+                  RuntimeWarning, stacklevel=3)  # fmt: skip
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
