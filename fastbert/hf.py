@@ -97,18 +97,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers attention function ("fastbert"): q, k, v [batch, heads, seq, head_dim] (transposed views),
     attention_mask None or the [batch, seq] padding mask from mask_function, or a VarlenBatch (packed
     [tokens, ...] layout). Returns (out [batch, seq, heads, head_dim] or [tokens, heads, head_dim], None)."""
-    if _capturing("attentions"):
-        # output_attentions=True: the probabilities must exist, which the fused kernel never materialises.
+    if _capturing("attentions") or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2):
+        # output_attentions=True: the probabilities must exist, which the fused kernel never materialises; or a
+        # mask the caller built (4-D, additive or bool), which eager attention applies as given.
         from transformers.models.bert.modeling_bert import eager_attention_forward
 
         return eager_attention_forward(module, query, key, value, _as_4d(attention_mask, query), dropout=dropout,
                                        scaling=scaling, **kwargs)  # fmt: skip
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
-        # A mask the caller built (4-D, additive or bool): transformers' eager attention applies it as given.
-        from transformers.models.bert.modeling_bert import eager_attention_forward
-
-        return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                       **kwargs)  # fmt: skip
     if isinstance(attention_mask, VarlenBatch):
         # The layer viewed [tokens, hidden] as [tokens, heads, head_dim] and transposed: undo the transpose.
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -120,9 +115,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def _as_4d(mask, query):
-    """The additive 4D mask eager attention expects, from a [batch, seq] padding mask (None stays None)."""
-    if mask is None:
-        return None
+    """The additive 4D mask eager attention expects, from a [batch, seq] padding mask (None, and a mask the caller
+    built, not 2-D, stay as they are)."""
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() != 2):
+        return mask
     if isinstance(mask, VarlenBatch):
         raise RuntimeError("fastbert: per-layer attentions requested inside a packed encoder run")
     neg = torch.finfo(query.dtype).min

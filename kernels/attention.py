@@ -953,11 +953,11 @@ def attention_bwd(
     if dropout_p > 0.0:
         # The forward's mask, drawn once and packed (1 bit a score) for dq and dk/dv to read: in chunks of (b, h)
         # when it would pass _DROPOUT_BITS_BUDGET (long sequences).
-        row_bytes = lay.max_q * cdiv(lay.seq_k, 32) * 4
-        if row_bytes >= 2**31:  # the kernels' offsets within a (batch, head) are int32
+        head_bytes = lay.max_q * cdiv(lay.seq_k, 32) * 4  # one (batch, head)'s mask
+        if head_bytes >= 2**31:  # the kernels' offsets within a (batch, head) are int32
             raise ValueError(f"attention dropout: sequences of {lay.max_q} x {lay.seq_k} are too long for the "
                              "backward's packed mask (at most 2^31 bytes a head)")  # fmt: skip
-        chunk = max(1, min(n_bh, _DROPOUT_BITS_BUDGET // max(row_bytes, 1)))
+        chunk = max(1, min(n_bh, _DROPOUT_BITS_BUDGET // max(head_bytes, 1)))
         bits = empty((chunk, lay.max_q, cdiv(lay.seq_k, 32) * 4), device=q.device, dtype=torch.uint8)
         threshold, seed = dropout_threshold(dropout_p, DROPOUT_BITS.value), seed_arg(seed, q.device)
     flags = lay.bwd_flags(dropout_p, bits)
