@@ -24,29 +24,54 @@ def bench(fn) -> float:
 
 
 def sweep_linear_gelu() -> None:
+    """The portable kernel's tiles, then (on sm_90) the TMA kernel's, each launched directly; M = 128 too (BERT at
+    batch 1: few tiles)."""
     import torch.nn.functional as F
 
     from fastbert.kernels import linear_gelu as lg
+    from fastbert.kernels import linear_gelu_sm90 as lg90
+    from fastbert.kernels.common import sm_count
 
     kern = lg._linear_gelu_fwd_kernel.fn
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, epilogue in halves); the shipped HALF_CONFIGS among them
     cands = [
-        (bm, bn, bk, w, s, gm)
-        for bm, bn, bk, w, s, gm in (
-            (128, 128, 64, 8, 4, 8),
-            (128, 128, 64, 4, 4, 8),
-            (128, 128, 64, 8, 3, 8),
-            (128, 256, 64, 8, 3, 8),
-            (256, 128, 64, 8, 3, 8),
-            (128, 256, 64, 8, 4, 8),
-            (64, 256, 64, 4, 4, 8),
-            (128, 128, 32, 4, 5, 8),
-            (128, 64, 64, 4, 4, 8),
-            (64, 128, 64, 4, 4, 8),
-            (128, 128, 64, 8, 5, 8),
-            (128, 256, 32, 8, 4, 8),
-        )
+        (128, 128, 64, 8, 4, False),
+        (128, 128, 64, 4, 4, False),
+        (128, 128, 64, 8, 3, False),
+        (128, 128, 64, 8, 3, True),
+        (128, 256, 64, 8, 3, True),
+        (256, 128, 64, 8, 3, False),
+        (128, 256, 64, 8, 4, True),
+        (64, 256, 64, 4, 4, True),
+        (128, 128, 32, 4, 5, False),
+        (128, 64, 64, 4, 4, False),
+        (64, 128, 64, 4, 4, False),
+        (64, 64, 64, 4, 4, False),
+        (128, 128, 64, 8, 5, False),
+        (128, 256, 32, 8, 4, True),
     ]
-    for M, K in ((16384, 768), (16384, 1024), (4096, 768)):
+    # TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, halves, programs an SM, maxnreg); the shipped first
+    cands90 = [
+        (
+            c.kwargs["BLOCK_M"],
+            c.kwargs["BLOCK_N"],
+            c.kwargs["BLOCK_K"],
+            c.num_warps,
+            c.num_stages,
+            c.kwargs["EPILOGUE_HALVES"],
+            c.kwargs["PROGRAMS_PER_SM"],
+            c.maxnreg,
+        )
+        for c in lg90.CONFIGS
+    ]
+    cands90 += [
+        (128, 128, 64, 8, 2, True, 2, 128),
+        (128, 128, 64, 8, 3, True, 1, None),
+        (64, 128, 64, 4, 4, False, 2, None),
+    ]
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    sms = sm_count(torch.cuda.current_device())
+    for M, K in ((16384, 768), (16384, 1024), (4096, 768), (128, 768)):
         N = 4 * K
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
         w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
@@ -55,25 +80,62 @@ def sweep_linear_gelu() -> None:
         floor = bench(lambda: F.linear(x, w, b))
         print(f"linear_gelu fp16 {M}x{K}->{N}: F.linear+bias {floor:.4f} ms "
               f"({2 * M * N * K / floor / 1e9:.0f} TFLOP/s)")  # fmt: skip
-        for bm, bn, bk, nw, ns, gm in cands:
+
+        def report(label, run, store):
+            try:
+                k = run()
+                ms = bench(run)
+                print(f"  {label} store={int(store)}  {ms:.4f} ms  {2 * M * N * K / ms / 1e9:5.0f} TFLOP/s  "
+                      f"{ms / floor:5.2f}x floor  regs {k.n_regs} spills {k.n_spills}", flush=True)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is a result too
+                print(f"  {label}: {type(e).__name__}: {str(e)[:100]}")
+
+        for bm, bn, bk, nw, ns, halves in cands:
             for store in (False, True):
                 h = torch.empty_like(y)
                 grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
 
-                def run(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, gm=gm, store=store, h=h, grid=grid):
+                def run(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, halves=halves, store=store, h=h, grid=grid):
                     return kern[grid](x, w, b, y, h, M, N, K, K, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                      GROUP_M=gm, APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32",
-                                      EPILOGUE_HALVES=bn >= 256, num_warps=nw, num_stages=ns,
+                                      GROUP_M=8, APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32",
+                                      EPILOGUE_HALVES=halves, num_warps=nw, num_stages=ns,
                                       enable_fp_fusion=FP_FUSION)  # fmt: skip
 
-                try:
-                    k = run()
-                    ms = bench(run)
-                    print(f"  {bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns} store={int(store)}  {ms:.4f} ms  "
-                          f"{2 * M * N * K / ms / 1e9:5.0f} TFLOP/s  {ms / floor:5.2f}x floor  regs {k.n_regs} "
-                          f"spills {k.n_spills}", flush=True)  # fmt: skip
-                except Exception as e:  # noqa: BLE001 - a config that does not fit is a result too
-                    print(f"  {bm}x{bn}x{bk} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
+                report(f"{bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''}", run, store)
+        if not hopper:
+            continue
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kern90 = lg90._linear_gelu_fwd_sm90_kernel.fn
+        for bm, bn, bk, nw, ns, halves, per_sm, maxnreg in cands90:
+            x_desc = TensorDescriptor(x, [M, K], [K, 1], [bm, bk])
+            w_desc = TensorDescriptor(w, [N, K], [K, 1], [bn, bk])
+            grid = (min(sms * per_sm, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+            for store in (False, True):
+                h = torch.empty_like(y)
+
+                def run(
+                    bm=bm,
+                    bn=bn,
+                    bk=bk,
+                    nw=nw,
+                    ns=ns,
+                    halves=halves,
+                    per_sm=per_sm,
+                    maxnreg=maxnreg,
+                    store=store,
+                    h=h,
+                    grid=grid,
+                    x_desc=x_desc,
+                    w_desc=w_desc,
+                ):
+                    return kern90[grid](x_desc, w_desc, b, y, h, M, N, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                        GROUP_M=8, APPROX=0, STORE_PREACT=store, EPILOGUE_HALVES=halves,
+                                        PROGRAMS_PER_SM=per_sm, num_warps=nw, num_stages=ns, maxnreg=maxnreg,
+                                        enable_fp_fusion=FP_FUSION)  # fmt: skip
+
+                label = f"sm90 {bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''} p{per_sm}"
+                report(label + (f" maxnreg {maxnreg}" if maxnreg else ""), run, store)
 
 
 # Tiles that compile without spills with dropout on sm_90 (fp16, head_dim 64; some alternatives spill on sm_80,

@@ -184,6 +184,11 @@ def dropout_keep(seed, row_ids, row_length, col_start, threshold, BLOCK_M: tl.co
     return tl.reshape(keep, (BLOCK_M, BLOCK_N))
 
 
+# An H100's SM has 228 KiB of shared memory and reserves 1 KiB of it for each resident block: two blocks fit when
+# each uses at most 113 KiB.
+SM90_SHARED_TWO_BLOCKS = 113 * 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class GateCase:
     """One kernel compilation the launchers may ask for: what the compile gate builds for sm_80 and sm_90."""
@@ -209,6 +214,11 @@ class GateCase:
     # On sm_90, at most this many registers a thread: the occupancy a config was chosen for (two blocks of 8 warps
     # share an SM's 64K registers at 128 or fewer). Crossing it compiles and runs, only slower, so the gate says so.
     max_registers_sm90: int | None = None
+    # On sm_90, at most this many bytes of shared memory a block: the occupancy a config was chosen for (two blocks
+    # an SM need at most SM90_SHARED_TWO_BLOCKS each). Crossing it also compiles and runs, only slower.
+    max_shared_sm90: int | None = None
+    # ptxas's register cap (triton.Config's maxnreg), when the config sets one: the gate compiles with it too.
+    maxnreg: int | None = None
 
 
 TORCH_TO_TRITON = {

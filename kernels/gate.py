@@ -78,6 +78,8 @@ def compile_for(case, arch: int):
     from fastbert.kernels.common import FP_FUSION
 
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages, "enable_fp_fusion": FP_FUSION}
+    if case.maxnreg is not None:
+        options["maxnreg"] = case.maxnreg
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

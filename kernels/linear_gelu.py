@@ -45,6 +45,7 @@ import triton.language as tl
 
 from fastbert.kernels.common import (
     FP_FUSION,
+    SM90_SHARED_TWO_BLOCKS,
     GateCase,
     aligned_base,
     cdiv,
@@ -59,20 +60,27 @@ _MAX_M_BUCKET = 8192  # rows beyond this tune alike: the grid is large enough ei
 
 
 # ----------------------------------------------------------------------------------------------- tuning
-def _config(bm, bn, bk, warps, stages, group_m=8):
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "EPILOGUE_HALVES": bn >= 256}
+def _config(bm, bn, bk, warps, stages, group_m=8, halves=None):
+    halves = bn >= 256 if halves is None else halves
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "EPILOGUE_HALVES": halves}
     return triton.Config(kwargs,
                          num_warps=warps, num_stages=stages)  # fmt: skip
 
 
 # fp16 / bf16 on Ampere and Hopper: 64 fp32 accumulators a thread leave room for the GELU epilogue; with 128 a
 # thread (128x256 tiles on 8 warps) the whole-tile epilogue spilled once the erf was live, hence the halves.
+# Two blocks an SM on sm_90 (at most 113 KiB of shared memory and 128 registers a thread for 8 warps; the gate
+# holds them to it): one block's main loop can run while the other's epilogue does (see linear_gelu_sm90).
+TWO_BLOCKS_SM90 = (_config(128, 128, 64, 8, 3, halves=True),)
 HALF_CONFIGS = (
     _config(128, 128, 64, 8, 4),
     _config(64, 128, 64, 4, 4),
     # The tile Triton's matmul tutorial uses on Hopper, with the epilogue in column halves (whole, it spilled);
     # 230-255 registers in the gate: a candidate for the autotuner to time, not a certain win (not yet measured).
     _config(128, 256, 64, 8, 3),
+    # Few rows (BERT at batch 1: 128 tokens): 96 blocks at 3072 features where 128x128 tiles make 24.
+    _config(64, 64, 64, 4, 4),
+    *TWO_BLOCKS_SM90,
 )
 # float32 (TF32 or IEEE): not BERT's training dtype; one moderate tile that fits registers in IEEE mode.
 FP32_CONFIGS = (_config(64, 64, 32, 4, 3),)
@@ -113,35 +121,64 @@ def _multiple_of_8(n):
     return (n // 8) * 8
 
 
-# Chebyshev fit of erfc (Numerical Recipes, 2nd ed., section 6.2, "erfcc"), used by _normal_cdf: for z >= 0,
+# Chebyshev fit of erfc (Numerical Recipes, 2nd ed., section 6.2, "erfcc"): for z >= 0,
 # erfc(z) = t · exp(-z² + P(t)), t = 1 / (1 + z/2), P a degree-9 polynomial, with a relative error below 1.2e-7
 # everywhere (1.04e-7 at most against math.erfc in fp64; tests/test_linear_gelu.py checks the kernel's GELU).
+# Coefficients of P from t⁹ down to t⁰.
+ERFC_FIT = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196,
+            1.00002368, -1.26551223)  # fmt: skip
+_LOG2E = 1.4426950408889634
+# The kernels evaluate erfc(z) / 2 = t · 2^(-z²·log2(e) + Q(t)), Q = P·log2(e) - 1: the exponential is an exp2
+# (MUFU.EX2) and the ½ rides in Q's constant term, two multiplications less an element. The argument scales
+# fold alike: w = |h| · (1/√2) · √log2(e) gives w² = z²·log2(e), and d = 1 + z/2 = 1 + |h| / (2√2).
+_Q9, _Q8, _Q7, _Q6, _Q5, _Q4, _Q3, _Q2, _Q1, _Q0 = (
+    tl.constexpr(c * _LOG2E - (1.0 if i == 9 else 0.0)) for i, c in enumerate(ERFC_FIT)
+)
+_W_SCALE = tl.constexpr(0.7071067811865476 * _LOG2E**0.5)
+_D_SCALE = tl.constexpr(0.5 * 0.7071067811865476)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _half_erfc_parts(a):
+    """(t, e) with t · e = erfc(a / √2) / 2 = Φ(-a) in fp32, for a = |h| >= 0 (finite), from the fit above: a
+    reciprocal, an exp2 and a dozen fmas, where libdevice's erff selects between two polynomials per element
+    (their coefficients moved in by ~14 MOVs each). The fit keeps Φ's relative accuracy in the lower tail (no
+    cancellation in 1 + erf). The reciprocal is rsqrt(d²), one MUFU.RSQ: 1 / d compiles to div.full.f32, whose
+    range fix-ups cost four more instructions (d >= 1 here; d² = inf gives t = 0, the right limit). exp2 is
+    flush-to-zero: no denormal fix-ups, which tl.exp compiles to."""
+    w = a * _W_SCALE
+    d = tl.fma(a, _D_SCALE, 1.0)
+    t = tl.math.rsqrt(d * d)
+    # Horner with explicit fmas (not left to FP contraction, which Triton plans to turn off by default)
+    q = tl.fma(t, _Q9, _Q8)
+    q = tl.fma(q, t, _Q7)
+    q = tl.fma(q, t, _Q6)
+    q = tl.fma(q, t, _Q5)
+    q = tl.fma(q, t, _Q4)
+    q = tl.fma(q, t, _Q3)
+    q = tl.fma(q, t, _Q2)
+    q = tl.fma(q, t, _Q1)
+    q = tl.fma(q, t, _Q0)
+    return t, tl.math.exp2(tl.fma(-w, w, q))
+
+
+@triton.jit
+def _gelu_erf(h):
+    """h · Φ(h), written as max(h, 0) - |h| · Φ(-|h|) (equal for either sign of h), which saves the select
+    between Φ(-|h|) and 1 - Φ(-|h|) and the final product: ~27 instructions an element of the epilogue where
+    h · Φ(h) took ~29 (SASS for sm_90, 128x128 TMA tile). |h| is capped at the largest float so that h = inf
+    gives inf, not inf · 0; the cap keeps a NaN (PTX min.NaN), which the max then drops but the product carries."""
+    a = tl.minimum(tl.abs(h), _FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
+    t, e = _half_erfc_parts(a)
+    return tl.fma(-(a * t), e, tl.maximum(h, 0.0))
 
 
 @triton.jit
 def _normal_cdf(h):
-    """Φ(h) = erfc(-h/√2) / 2 in fp32, from the erfc fit above: a reciprocal, an exp2 and a dozen fmas, where
-    libdevice's erff selects between two polynomials per element (their coefficients moved in by ~14 MOVs each).
-    With erff the erf-GELU epilogue took ~40 instructions an element, more issue slots than the 128x128 tile's
-    whole main loop at K = 768; with this, ~29 (the tanh form, reworked alike: ~18; SASS for sm_90).
-    The fit also keeps Φ's relative accuracy in the lower tail (Φ = erfc(|u|) / 2 there: no cancellation in
-    1 + erf). The reciprocal is rsqrt(d²), one MUFU.RSQ: 1 / d compiles to div.full.f32, whose range fix-ups
-    cost four more instructions (d >= 1 here; d² = inf gives t = 0, the right limit)."""
-    z = tl.abs(h) * 0.7071067811865476
-    d = tl.fma(z, 0.5, 1.0)
-    t = tl.math.rsqrt(d * d)
-    # Horner with explicit fmas (not left to FP contraction, which Triton plans to turn off by default)
-    p = tl.fma(t, 0.17087277, -0.82215223)
-    p = tl.fma(p, t, 1.48851587)
-    p = tl.fma(p, t, -1.13520398)
-    p = tl.fma(p, t, 0.27886807)
-    p = tl.fma(p, t, -0.18628806)
-    p = tl.fma(p, t, 0.09678418)
-    p = tl.fma(p, t, 0.37409196)
-    p = tl.fma(p, t, 1.00002368)
-    p = tl.fma(p, t, -1.26551223)
-    # erfc(|u|) / 2, u = h / √2; exp as exp2 (flush-to-zero: no denormal fix-ups, which tl.exp compiles to)
-    half_erfc = 0.5 * t * tl.math.exp2(tl.fma(-z, z, p) * 1.4426950408889634)
+    """Φ(h) in fp32 (the backward's GELU derivative): Φ(-|h|) from _half_erfc_parts, or 1 minus it."""
+    t, e = _half_erfc_parts(tl.abs(h))
+    half_erfc = t * e
     return tl.where(h >= 0.0, 1.0 - half_erfc, half_erfc)
 
 
@@ -149,16 +186,17 @@ def _normal_cdf(h):
 def _gelu_and_grad(h, APPROX: tl.constexpr, WANT_GRAD: tl.constexpr):
     """(gelu(h), gelu'(h)) in fp32; the derivative only when WANT_GRAD (else 0)."""
     if APPROX == 0:
-        cdf = _normal_cdf(h)
-        y = h * cdf
         if WANT_GRAD:
+            cdf = _normal_cdf(h)
+            y = h * cdf
             grad = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
         else:
+            y = _gelu_erf(h)
             grad = 0.0
     else:
         inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         # σ(2u) = 1 / (1 + e^(-2u)): e^(-2u) overflows to inf for very negative u and σ goes to 0, never NaN.
-        # exp2 and rsqrt(d²) for the reciprocal, as in _normal_cdf (d >= 1).
+        # exp2 and rsqrt(d²) for the reciprocal, as in _half_erfc_parts (d >= 1).
         d = 1.0 + tl.math.exp2(inner * -2.8853900817779268)  # -2 log2(e)
         sig = tl.math.rsqrt(d * d)
         y = h * sig
@@ -447,6 +485,8 @@ def gate_cases() -> list[GateCase]:
                     # With 4 warps the epilogue loads the bias row one element a thread: one lone 2-byte load
                     # the check would count (the gate's PTX shows the tiles as 16-byte cp.async there too).
                     vector_loads=cfg.num_warps >= 8,
+                    max_registers_sm90=65536 // (2 * 32 * cfg.num_warps) if cfg in TWO_BLOCKS_SM90 else None,
+                    max_shared_sm90=SM90_SHARED_TWO_BLOCKS if cfg in TWO_BLOCKS_SM90 else None,
                 ))  # fmt: skip
     block_m, block_n, num_warps = bwd_config()
     for dt in ("fp32", *GATE_HALF_DTYPES):

@@ -5,10 +5,11 @@ Same math, dtypes and epilogue (bias, GELU, optional pre-activation store, colum
 portable kernel in fastbert.kernels.linear_gelu; what differs is how the operands reach shared memory. The
 portable kernel has every thread compute addresses and issue cp.async copies; here one descriptor per operand
 (built on the host) lets the copy engine move whole [BLOCK, BLOCK_K] tiles, zero-filling rows and columns past
-the end (so the main loop has no masks), and one program per SM walks the output tiles (a persistent grid, the
-tile loop flattened with the K loop so the pipeline runs across tile boundaries). That is how GEMMs approach
-cuBLAS on Hopper; whether it beats the portable kernel at BERT's shapes is for the GPU to say:
-fastbert.kernels.linear_gelu times both once per shape and keeps the faster (see its launcher).
+the end (so the main loop has no masks), and one or two programs per SM (PROGRAMS_PER_SM, per config) walk the
+output tiles (a persistent grid, the tile loop flattened with the K loop so the pipeline runs across tile
+boundaries). That is how GEMMs approach cuBLAS on Hopper; whether it beats the portable kernel at BERT's shapes
+is for the GPU to say: fastbert.kernels.linear_gelu times both once per shape and keeps the faster (see its
+launcher).
 
 16-bit inputs only (fp32 keeps the portable kernel). Descriptors need 16-byte aligned bases and row strides,
 which the launcher's alignment rule already guarantees.
@@ -22,13 +23,23 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbert.kernels.common import FP_FUSION, GateCase, cdiv, interpreting, pointer_args, sm_count
+from fastbert.kernels.common import (
+    FP_FUSION,
+    SM90_SHARED_TWO_BLOCKS,
+    GateCase,
+    cdiv,
+    interpreting,
+    pointer_args,
+    sm_count,
+)
 from fastbert.kernels.linear_gelu import _APPROX, _multiple_of_8, _tile_coords, store_tile
 
 
-def _config(bm, bn, bk, warps, stages):
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_HALVES": bn >= 256}
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+def _config(bm, bn, bk, warps, stages, per_sm=1, maxnreg=None, halves=None):
+    halves = bn >= 256 if halves is None else halves
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_HALVES": halves,
+              "PROGRAMS_PER_SM": per_sm}  # fmt: skip
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg, pre_hook=_set_block_shapes)
 
 
 def _set_block_shapes(nargs):
@@ -38,9 +49,16 @@ def _set_block_shapes(nargs):
 
 
 # Candidates for the autotuner, all spill-free in the compile gate (sm_90 only: TMA is a Hopper feature).
+# One program an SM runs its epilogue (bias, GELU, stores: ~27 instructions an element for the erf form) with the
+# tensor cores idle: at K = 768 that is about a third of a tile's time, the gap to cuBLAS the H100 measured on
+# 2026-11-25 (456 against 611 TFLOP/s). With two programs an SM (PROGRAMS_PER_SM, at most 113 KiB of shared
+# memory and 128 registers a thread for 8 warps: the gate holds them to it), one's main loop can run while the
+# other's epilogue does, as two blocks of a non-persistent grid would. Not yet timed: the autotuner decides.
 CONFIGS = (
     _config(128, 128, 64, 8, 4),
     _config(128, 256, 64, 8, 3),
+    _config(128, 128, 64, 8, 3, per_sm=2, maxnreg=128, halves=True),
+    _config(128, 64, 64, 4, 3, per_sm=2),
 )
 INTERPRETER_CONFIGS = (_config(32, 32, 32, 4, 1),)
 
@@ -67,6 +85,7 @@ def _linear_gelu_fwd_sm90_kernel(
     APPROX: tl.constexpr,  # 0: exact erf GELU, 1: tanh form
     STORE_PREACT: tl.constexpr,
     EPILOGUE_HALVES: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # the grid's programs an SM (the launcher's; unused here)
 ):
     N = _multiple_of_8(N)
     K = _multiple_of_8(K)
@@ -116,12 +135,12 @@ def linear_gelu_fwd_sm90(
     x_desc = TensorDescriptor(x2d, [M, K], [x2d.stride(0), 1], [1, 1])
     w_desc = TensorDescriptor(weight, [N, K], [weight.stride(0), 1], [1, 1])
     if interpreting():
-        programs = 3  # a few persistent programs, so that each walks several tiles
+        sms = 3  # a few persistent programs, so that each walks several tiles
     else:
-        programs = sm_count(x2d.device.index if x2d.device.index is not None else 0)
+        sms = sm_count(x2d.device.index if x2d.device.index is not None else 0)
 
     def grid(meta):
-        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        return (min(sms * meta["PROGRAMS_PER_SM"], cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
     _linear_gelu_fwd_sm90_kernel[grid](
         x_desc, w_desc, bias, y, h, M, N, K, m_bucket,
@@ -145,11 +164,16 @@ def gate_cases() -> list[GateCase]:
                         "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
                     } | {name: "constexpr" for name in (*kw, "APPROX", "STORE_PREACT")}  # fmt: skip
                     tag = f"m{kw['BLOCK_M']}n{kw['BLOCK_N']}k{kw['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
+                    tag += f"p{kw['PROGRAMS_PER_SM']}" if kw["PROGRAMS_PER_SM"] > 1 else ""
+                    two = kw["PROGRAMS_PER_SM"] == 2
                     cases.append(GateCase(
                         f"linear_gelu_fwd_sm90-{tag}-{dt}-{approx_name}-preact{int(store)}",
                         _linear_gelu_fwd_sm90_kernel.fn, signature,
                         kw | {"APPROX": approx, "STORE_PREACT": store}, cfg.num_warps, cfg.num_stages,
                         archs=(90,), expect_wgmma_sm90=True, divisible=pointer_args(signature),
-                        vector_loads=True,
+                        vector_loads=True, maxnreg=cfg.maxnreg,
+                        # two programs an SM: each within half the registers and shared memory
+                        max_registers_sm90=65536 // (2 * 32 * cfg.num_warps) if two else None,
+                        max_shared_sm90=SM90_SHARED_TWO_BLOCKS if two else None,
                     ))  # fmt: skip
     return cases

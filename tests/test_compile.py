@@ -60,6 +60,10 @@ def test_compiles_for_gpu(results, case, arch):
         assert r["registers"] <= case.max_registers_sm90, (
             f"{r['registers']} registers a thread, above the {case.max_registers_sm90} this config's occupancy needs"
         )
+    if arch == 90 and case.max_shared_sm90 is not None:
+        assert r["shared"] <= case.max_shared_sm90, (
+            f"{r['shared']} B of shared memory a block, above the {case.max_shared_sm90} this config's occupancy needs"
+        )
     if case.vector_loads:
         assert r["narrow_loads"] == 0, f"{r['narrow_loads']} 2-byte loads / small cp.async copies in the PTX"
 

@@ -101,6 +101,23 @@ def test_large_pre_activations_stay_finite():
         check_against_reference(x * 100, w, b, dy, approximate=approximate)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_infinite_and_nan_pre_activations(approximate):
+    """Pre-activations of +inf, -inf and NaN (through the bias, so that no inf · 0 arises in the matmul): +inf
+    gives +inf and NaN gives NaN, as eager does; -inf gives what eager gives for the tanh form (NaN: -inf · 0)
+    and, for the erf form, the limit 0, which the kernel's max(h, 0) - |h| Φ(-|h|) reaches (eager: NaN)."""
+    x, w, b, _ = make_inputs((3,), 16, 32, torch.float32)
+    b = b.clone()
+    b[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    with torch.no_grad():
+        y = linear_gelu(x, w, b, approximate=approximate).cpu()
+        ref = reference.linear_gelu(x.double(), w.double(), b.double(), approximate=approximate).cpu()
+    if approximate == "none":
+        ref[:, 1] = 0.0
+    assert torch.isinf(y[:, 0]).all() and (y[:, 0] > 0).all()
+    torch.testing.assert_close(y, ref.float(), equal_nan=True)
+
+
 def test_exact_gelu_accuracy_over_the_whole_range():
     """The erf GELU's Φ comes from a fit of erfc (kernels/linear_gelu.py, _normal_cdf), not libdevice's erf:
     through an identity weight in fp32, gelu(h) for h across [-12, 12] must match float64 to a few fp32 ulps
