@@ -455,7 +455,8 @@ def optimize(model: nn.Module) -> nn.Module:
     ERNIE, Data2VecText; any head) or a sentence-transformers model wrapping one, in place; returns it. Parameters
     are shared, never copied. Idempotent; undo with fastbert.restore.
     ``model.fastbert_summary`` (also returned by ``fastbert.summary(model)``) says what was accelerated and what
-    was kept, and why."""
+    was kept, and why. The attention implementation is set on the config (transformers keeps it there): another
+    model sharing that config object also calls fastbert's attention (padded, with its mask; same results)."""
     hf = _find_model(model)
     if getattr(hf, "fastbert_summary", None) is not None:
         return model

@@ -21,7 +21,22 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from fastbert import ops
-from fastbert.ops._linear_gelu import linear_gelu_with_preact, linear_of_gelu
+from fastbert.ops._attention import HEAD_DIMS
+from fastbert.ops._linear_gelu import APPROXIMATIONS, linear_gelu_with_preact, linear_of_gelu
+
+
+def _checked_dropout(p: float) -> float:
+    """p as a float, or ValueError at construction (not at the first forward) when it is no probability in [0, 1)."""
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    return p
+
+
+def _checked_approximate(approximate: str) -> str:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    return approximate
 
 
 def fused_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -75,18 +90,19 @@ class FusedAddLayerNorm(nn.LayerNorm):
         super().__init__(normalized_shape, eps=eps, elementwise_affine=True, device=device, dtype=dtype)
         if len(self.normalized_shape) != 1:
             raise ValueError(f"FusedAddLayerNorm normalises the last dimension only, got {self.normalized_shape}")
-        self.dropout = float(dropout)
+        self.dropout = _checked_dropout(dropout)
 
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm, dropout: float = 0.0) -> FusedAddLayerNorm:
         """A FusedAddLayerNorm sharing ``ln``'s weight and bias."""
         if not ln.elementwise_affine or ln.bias is None or len(ln.normalized_shape) != 1:
             raise ValueError("from_layer_norm needs a LayerNorm over the last dimension with weight and bias")
+        dropout = _checked_dropout(dropout)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, True
         new.weight, new.bias = ln.weight, ln.bias
-        new.dropout = float(dropout)
+        new.dropout = dropout
         return new
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -104,12 +120,14 @@ class FusedLinearGELU(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, approximate: str = "none",
                  device=None, dtype=None):  # fmt: skip
+        _checked_approximate(approximate)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.approximate = approximate
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, approximate: str = "none") -> FusedLinearGELU:
         """A FusedLinearGELU sharing ``linear``'s weight and bias."""
+        _checked_approximate(approximate)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
@@ -125,6 +143,13 @@ class FusedLinearGELU(nn.Linear):
         return f"{super().extra_repr()}, approximate={self.approximate!r}"
 
 
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(
+            f"head_dim {head_dim} (hidden_size / num_heads) is unsupported: attention supports {HEAD_DIMS}"
+        )
+
+
 class FusedSelfAttention(nn.Module):
     """BERT self-attention: ``query``/``key``/``value`` projections (nn.Linear, as in BertSelfAttention, so
     the state_dict matches), then the fused attention kernel with an optional [batch, seq] key-padding mask
@@ -135,7 +160,8 @@ class FusedSelfAttention(nn.Module):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
-        self.num_heads, self.head_dim, self.dropout = num_heads, hidden_size // num_heads, float(dropout)
+        _check_head_dim(hidden_size // num_heads)
+        self.num_heads, self.head_dim, self.dropout = num_heads, hidden_size // num_heads, _checked_dropout(dropout)
         self.query = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
         self.key = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
         self.value = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
@@ -143,10 +169,12 @@ class FusedSelfAttention(nn.Module):
     @classmethod
     def from_bert(cls, attn: nn.Module) -> FusedSelfAttention:
         """From a transformers BertSelfAttention / RobertaSelfAttention (shares query, key and value)."""
+        _check_head_dim(attn.attention_head_size)
+        dropout = _checked_dropout(attn.dropout.p)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads, new.head_dim = attn.num_attention_heads, attn.attention_head_size
-        new.dropout = float(attn.dropout.p)
+        new.dropout = dropout
         new.query, new.key, new.value = attn.query, attn.key, attn.value
         return new
 

@@ -65,6 +65,7 @@ import triton.language as tl
 
 from fastbert.kernels.common import (
     FP_FUSION,
+    SM90_SHARED_TWO_BLOCKS,
     GateCase,
     aligned_base,
     cdiv,
@@ -1105,6 +1106,7 @@ def gate_cases() -> list[GateCase]:
                     ),
                     (False, True),
                 ):
+                    budget = _register_budget(kind, dtype, block_d, drop)
                     for bm, bn, nw, ns in _applicable(table, dtype, block_d, drop):
                         constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "HAS_DROPOUT": drop,
                                       "EVEN_D": even_d} | _unit_strides(sig)  # fmt: skip
@@ -1113,7 +1115,9 @@ def gate_cases() -> list[GateCase]:
                             _signature(sig, dtype), constexprs, nw, ns,
                             expect_wgmma_sm90=_expect_wgmma(kind, dtype, bm, bn),
                             divisible=_divisible(sig), vector_loads=dtype != "fp32",
-                            max_registers_sm90=_register_budget(kind, dtype, block_d, drop),
+                            max_registers_sm90=budget,
+                            # two blocks an SM need the shared memory too
+                            max_shared_sm90=None if budget is None else SM90_SHARED_TWO_BLOCKS,
                         ))  # fmt: skip
                 cases.append(GateCase(
                     f"attention_bwd_preprocess-{dtype}-{d_tag}", _attention_bwd_preprocess_kernel,

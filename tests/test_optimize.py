@@ -591,6 +591,23 @@ def test_torch_compile_of_optimized_masked_lm_with_labels():
                                rtol=1e-3, atol=1e-5)  # fmt: skip
 
 
+def test_a_model_sharing_the_config_keeps_its_results():
+    """optimize sets the attention implementation on the config, which transformers shares between models built
+    from one config object (documented): the other model then runs fastbert's attention, with its results."""
+    cfg = bert_config()
+    torch.manual_seed(0)
+    a, b = transformers.BertModel(cfg).to(DEVICE).eval(), transformers.BertModel(cfg).to(DEVICE).eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        before = b(input_ids=ids, attention_mask=mask).last_hidden_state
+        fastbert.optimize(a)
+        assert b.config._attn_implementation == "fastbert" and fastbert.summary(b) is None
+        during = b(input_ids=ids, attention_mask=mask).last_hidden_state
+        fastbert.restore(a)
+        assert b.config._attn_implementation != "fastbert"
+    torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)  # padding positions too: b is not unpadded
+
+
 # ----------------------------------------------------------------------------------------------- public modules
 def test_public_modules_share_parameters_and_match():
     torch.manual_seed(0)
@@ -606,6 +623,44 @@ def test_public_modules_share_parameters_and_match():
     h = nn.functional.gelu(nn.functional.linear(x, fresh.intermediate.weight, fresh.intermediate.bias))
     expect = nn.functional.layer_norm(fresh.output(h) + x, (32,), fresh.norm.weight, fresh.norm.bias, 1e-12)
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_add_layer_norm_module_dropout_is_keyword_only():
+    # nn.LayerNorm's third positional argument is elementwise_affine: a positional True must not become dropout 1.0
+    with pytest.raises(TypeError):
+        modules.FusedAddLayerNorm(64, 1e-5, True)
+    ln = modules.FusedAddLayerNorm(64, 1e-5, dropout=0.25)
+    assert ln.dropout == 0.25 and ln.eps == 1e-5
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: modules.FusedAddLayerNorm(64, dropout=1.0), "dropout must be in"),
+        (lambda: modules.FusedAddLayerNorm.from_layer_norm(nn.LayerNorm(64), dropout=-0.1), "dropout must be in"),
+        (lambda: modules.FusedLinearGELU(16, 32, approximate="erf"), "approximate must be one of"),
+        (lambda: modules.FusedLinearGELU.from_linear(nn.Linear(16, 32), approximate="gelu"), "approximate must be"),
+        (lambda: modules.FusedSelfAttention(64, 2, dropout=float("nan")), "dropout must be in"),
+        (lambda: modules.FusedSelfAttention(48, 1), r"head_dim 48 \(hidden_size / num_heads\) is unsupported"),
+        (lambda: modules.FusedSelfAttention(64, 3), "not a multiple of num_heads"),
+        (lambda: modules.FusedFeedForward(32, 64, dropout=1.5), "dropout must be in"),
+        (lambda: modules.FusedFeedForward(32, 64, approximate="sigmoid"), "approximate must be one of"),
+    ],
+    ids=["ln", "ln-from", "gelu", "gelu-from", "attn-nan", "attn-head-dim", "attn-heads", "ffn-dropout", "ffn-gelu"],
+)
+def test_modules_reject_bad_arguments_at_construction(build, message):
+    """A bad dropout, GELU form or head size raises ValueError when the module is built, not at its first forward
+    (which, in a training script, may come minutes later)."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_fused_self_attention_from_bert_rejects_an_unsupported_head_dim():
+    cfg = bert_config()
+    cfg.hidden_size, cfg.num_attention_heads = 48, 1
+    attn = transformers.BertModel(cfg).encoder.layer[0].attention.self
+    with pytest.raises(ValueError, match="head_dim 48"):
+        modules.FusedSelfAttention.from_bert(attn)
 
 
 def test_fused_self_attention_from_bert():
