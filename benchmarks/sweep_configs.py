@@ -8,6 +8,7 @@ registers and spills from the compiled kernel, beside the cuBLAS / SDPA floor wh
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
@@ -95,12 +96,11 @@ def sweep_linear_gelu() -> None:
                 h = torch.empty_like(y)
                 grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
 
-                def run(bm=bm, bn=bn, bk=bk, nw=nw, ns=ns, halves=halves, store=store, h=h, grid=grid):
-                    return kern[grid](x, w, b, y, h, M, N, K, K, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                      GROUP_M=8, APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32",
-                                      EPILOGUE_HALVES=halves, num_warps=nw, num_stages=ns,
-                                      enable_fp_fusion=FP_FUSION)  # fmt: skip
-
+                run = functools.partial(
+                    kern[grid], x, w, b, y, h, M, N, K, K, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                    APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32", EPILOGUE_HALVES=halves, num_warps=nw,
+                    num_stages=ns, enable_fp_fusion=FP_FUSION,
+                )  # fmt: skip
                 report(f"{bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''}", run, store)
         if not hopper:
             continue
@@ -114,25 +114,11 @@ def sweep_linear_gelu() -> None:
             for store in (False, True):
                 h = torch.empty_like(y)
 
-                def run(
-                    bm=bm,
-                    bn=bn,
-                    bk=bk,
-                    nw=nw,
-                    ns=ns,
-                    halves=halves,
-                    per_sm=per_sm,
-                    maxnreg=maxnreg,
-                    store=store,
-                    h=h,
-                    grid=grid,
-                    x_desc=x_desc,
-                    w_desc=w_desc,
-                ):
-                    return kern90[grid](x_desc, w_desc, b, y, h, M, N, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                        GROUP_M=8, APPROX=0, STORE_PREACT=store, EPILOGUE_HALVES=halves,
-                                        PROGRAMS_PER_SM=per_sm, num_warps=nw, num_stages=ns, maxnreg=maxnreg,
-                                        enable_fp_fusion=FP_FUSION)  # fmt: skip
+                run = functools.partial(
+                    kern90[grid], x_desc, w_desc, b, y, h, M, N, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                    GROUP_M=8, APPROX=0, STORE_PREACT=store, EPILOGUE_HALVES=halves, PROGRAMS_PER_SM=per_sm,
+                    num_warps=nw, num_stages=ns, maxnreg=maxnreg, enable_fp_fusion=FP_FUSION,
+                )  # fmt: skip
 
                 label = f"sm90 {bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''} p{per_sm}"
                 report(label + (f" maxnreg {maxnreg}" if maxnreg else ""), run, store)
