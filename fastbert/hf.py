@@ -36,6 +36,7 @@ Anything that cannot be accelerated keeps transformers' code, and the summary sa
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -477,8 +478,8 @@ def optimize(model: nn.Module) -> nn.Module:
     previous = {k: c._attn_implementation for k, c in configs.items()}
     if blocker is None:
         register()
-        for c in configs.values():
-            c._attn_implementation = ATTN_NAME
+        for k, c in configs.items():
+            previous[k] = _claim_attention(c)
         summary.accelerated["self-attention (fused, padding mask / varlen)"] = len(attn_modules)
         fusable = [m for m in attn_modules if _fused_qkv_applies(type(m))]
         for module in fusable:
@@ -544,6 +545,37 @@ def optimize(model: nn.Module) -> nn.Module:
     return model
 
 
+# Configs whose attention implementation fastbert set, by id: [the config (weakly), its implementation before,
+# how many optimized models use it]. Models built from one config object share it (transformers keeps the
+# implementation there), so it goes back only when the last of them is restored, in whichever order.
+_CLAIMED_CONFIGS: dict[int, list] = {}
+
+
+def _claim_attention(config) -> str:
+    """Set fastbert's attention on config; returns the implementation it had before fastbert's first claim."""
+    entry = _CLAIMED_CONFIGS.get(id(config))
+    if entry is None or entry[0]() is not config:
+        key = id(config)  # (the entry goes with the config: a model optimized and dropped unrestored leaves none)
+        ref = weakref.ref(config, lambda _: _CLAIMED_CONFIGS.pop(key, None))
+        entry = _CLAIMED_CONFIGS[key] = [ref, config._attn_implementation, 0]
+    entry[2] += 1
+    config._attn_implementation = ATTN_NAME
+    return entry[1]
+
+
+def _release_attention(config, previous: str) -> None:
+    """restore's half of _claim_attention: the implementation goes back once no optimized model uses config. A
+    config fastbert does not know (a deep copy of an optimized model has its own) gets ``previous`` back."""
+    entry = _CLAIMED_CONFIGS.get(id(config))
+    if entry is None or entry[0]() is not config:
+        config._attn_implementation = previous
+        return
+    entry[2] -= 1
+    if entry[2] == 0:
+        config._attn_implementation = entry[1]
+        del _CLAIMED_CONFIGS[id(config)]
+
+
 def restore(model: nn.Module) -> nn.Module:
     """Undo fastbert.optimize in place (the classes and the attention implementation); returns the model."""
     hf = _find_model(model)
@@ -555,7 +587,7 @@ def restore(model: nn.Module) -> nn.Module:
             module.__dict__.pop("_fastbert_gelu", None)
     _remove_mlm_loss(hf)
     for config, impl in hf._fastbert_previous_attn:
-        config._attn_implementation = impl
+        _release_attention(config, impl)
     del hf._fastbert_previous_attn
     del hf.fastbert_summary
     return model

@@ -28,6 +28,10 @@ KERNEL_MODULES = (
 # Shared memory a block may use after opting in (cudaFuncAttributeMaxDynamicSharedMemorySize), in bytes.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 ARCHS = (80, 90)
+# At most this many tl.constexpr globals a kernel: each costs ~0.35 us of host time a launch on the development
+# machine (Triton's check that it did not change since the compile), where a fused op's whole host path is
+# ~40 us. A named constant or two is cheap; linear_gelu's erfc fit as 13 globals cost it ~12% (literals since).
+MAX_LAUNCH_GLOBALS = 2
 
 
 @dataclasses.dataclass
@@ -40,6 +44,9 @@ class GateResult:
     wgmma: bool
     narrow_loads: int  # 2-byte global loads in the PTX (see narrow_loads)
     wgmma_serialized: str = ""  # ptxas's note when it serialises the warp-group MMAs (see wgmma_serialized)
+    # The module globals (tl.constexpr) the kernel and its callees read: Triton compares each with its compiled
+    # value on every launch, host time a launch (see MAX_LAUNCH_GLOBALS).
+    launch_globals: list[str] = dataclasses.field(default_factory=list)
 
 
 def all_cases(modules=KERNEL_MODULES):
@@ -90,7 +97,9 @@ def compile_case(case, arch: int) -> GateResult:
     wgmma = "warp_group_dot" in compiled.asm["ttgir"] or "wgmma" in compiled.asm["ttgir"]
     ptx = compiled.asm["ptx"]
     serialized = wgmma_serialized(ptx, arch) if wgmma else ""
-    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma, narrow_loads(ptx), serialized)
+    launch_globals = sorted({name for name, _ in getattr(case.fn, "used_global_vals", {})})  # set by the compile
+    return GateResult(case.name, arch, compiled.metadata.shared, regs, spills, wgmma, narrow_loads(ptx), serialized,
+                      launch_globals)  # fmt: skip
 
 
 def wgmma_serialized(ptx: str, arch: int) -> str:

@@ -3,7 +3,8 @@ sm_80 and sm_90 on this machine (no GPU needed: ptxas runs on the CPU). Fails on
 memory above the target's limit, on a register spill, on a 16-bit GEMM that does not use warp-group MMA on
 sm_90, on warp-group MMAs that ptxas serialises (one wait after each: no overlap), on 16-bit tiles loaded
 element by element where a case promises 16-byte loads, and on more registers a thread than a case's sm_90
-budget (the occupancy its config was chosen for). Each case compiles with the divisibility Triton's
+budget (the occupancy its config was chosen for), and on more tl.constexpr globals than
+MAX_LAUNCH_GLOBALS (host time on every launch). Each case compiles with the divisibility Triton's
 launcher specialises at run time (tests/test_launch_spec.py checks that real launches match), so what the gate
 checks is what runs.
 
@@ -64,6 +65,9 @@ def test_compiles_for_gpu(results, case, arch):
         assert r["shared"] <= case.max_shared_sm90, (
             f"{r['shared']} B of shared memory a block, above the {case.max_shared_sm90} this config's occupancy needs"
         )
+    assert len(r["launch_globals"]) <= gate.MAX_LAUNCH_GLOBALS, (
+        f"reads {len(r['launch_globals'])} tl.constexpr globals, each checked on every launch: {r['launch_globals']}"
+    )
     if case.vector_loads:
         assert r["narrow_loads"] == 0, f"{r['narrow_loads']} 2-byte loads / small cp.async copies in the PTX"
 

@@ -118,8 +118,34 @@ def test_infinite_and_nan_pre_activations(approximate):
     torch.testing.assert_close(y, ref.float(), equal_nan=True)
 
 
+def test_erfc_literals_are_the_folded_fit():
+    """_half_erfc_parts spells its constants as literals (a tl.constexpr global costs host time on every launch):
+    they must be exactly erfc_kernel_constants(), the Numerical Recipes fit with log2(e) and ½ folded in."""
+    import ast
+    import inspect
+    import textwrap
+
+    from fastbert.kernels import linear_gelu as lg
+
+    def number(node):
+        try:
+            value = ast.literal_eval(node)
+        except ValueError:
+            return None
+        return value if type(value) is float else None
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(lg._half_erfc_parts.fn)))
+    nodes = sorted(
+        (n for n in ast.walk(tree) if isinstance(n, (ast.Call, ast.BinOp))), key=lambda n: (n.lineno, n.col_offset)
+    )
+    literals = [v for n in nodes for arg in ((n.left, n.right) if isinstance(n, ast.BinOp) else n.args)
+                if (v := number(arg)) is not None]  # fmt: skip
+    # a * W_SCALE, fma(a, D_SCALE, 1.0), then Horner's fmas from Q9 down to Q0
+    assert literals == [*lg.erfc_kernel_constants()[:2], 1.0, *lg.erfc_kernel_constants()[2:]], literals
+
+
 def test_exact_gelu_accuracy_over_the_whole_range():
-    """The erf GELU's Φ comes from a fit of erfc (kernels/linear_gelu.py, _normal_cdf), not libdevice's erf:
+    """The erf GELU's Φ comes from a fit of erfc (kernels/linear_gelu.py, _half_erfc_parts), not libdevice's erf:
     through an identity weight in fp32, gelu(h) for h across [-12, 12] must match float64 to a few fp32 ulps
     of h, and keep its relative accuracy in the lower tail (h in [-5, -1], Φ down to 3e-7), where 1 + erf(h/√2)
     cancels (eager fp32 F.gelu is 100% off there)."""

@@ -608,6 +608,39 @@ def test_a_model_sharing_the_config_keeps_its_results():
     torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)  # padding positions too: b is not unpadded
 
 
+@pytest.mark.parametrize("order", ["a first", "b first"])
+def test_two_optimized_models_sharing_a_config_restore_in_any_order(order):
+    """Both models optimized, one config: restoring one leaves the other's attention fused (same results), and
+    the implementation goes back when the last is restored, whichever that is."""
+    import gc
+
+    from fastbert import hf
+
+    cfg = bert_config()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    a, b = transformers.BertModel(cfg).to(DEVICE).eval(), transformers.BertModel(cfg).to(DEVICE).eval()
+    ids, mask = batch()
+    valid = mask.bool()
+    with torch.no_grad():
+        before = b(input_ids=ids, attention_mask=mask).last_hidden_state
+        fastbert.optimize(a), fastbert.optimize(b)
+        first, last = (a, b) if order == "a first" else (b, a)
+        fastbert.restore(first)
+        assert cfg._attn_implementation == "fastbert" and fastbert.summary(last) is not None
+        during = b(input_ids=ids, attention_mask=mask).last_hidden_state
+        fastbert.restore(last)
+    assert cfg._attn_implementation == "eager"
+    torch.testing.assert_close(during[valid], before[valid], rtol=1e-4, atol=1e-5)
+    # optimized and dropped without restore: fastbert keeps no entry for the dead config
+    c = fastbert.optimize(transformers.BertModel(bert_config()).to(DEVICE)).config
+    key = id(c)
+    assert key in hf._CLAIMED_CONFIGS
+    del c
+    gc.collect()
+    assert key not in hf._CLAIMED_CONFIGS
+
+
 # ----------------------------------------------------------------------------------------------- public modules
 def test_public_modules_share_parameters_and_match():
     torch.manual_seed(0)
