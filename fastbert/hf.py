@@ -540,7 +540,8 @@ def optimize(model: nn.Module) -> nn.Module:
         else:
             summary.skipped["masked-LM loss"] = why
 
-    hf._fastbert_previous_attn = [(c, previous[k]) for k, c in configs.items()]
+    # (only the configs it claimed: with a blocker optimize left them alone, and so must restore)
+    hf._fastbert_previous_attn = [(c, previous[k]) for k, c in configs.items()] if blocker is None else []
     hf.fastbert_summary = summary
     return model
 
