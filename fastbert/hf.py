@@ -475,11 +475,10 @@ def optimize(model: nn.Module) -> nn.Module:
     attn_modules = parts.get("attention", [])
     blocker = _attention_blocker(hf, attn_modules)
     configs = {id(m.config): m.config for m in attn_modules} | {id(hf.config): hf.config}
-    previous = {k: c._attn_implementation for k, c in configs.items()}
+    claimed = []  # (config, its implementation before fastbert): what restore gives back
     if blocker is None:
         register()
-        for k, c in configs.items():
-            previous[k] = _claim_attention(c)
+        claimed = [(c, _claim_attention(c)) for c in configs.values()]
         summary.accelerated["self-attention (fused, padding mask / varlen)"] = len(attn_modules)
         fusable = [m for m in attn_modules if _fused_qkv_applies(type(m))]
         for module in fusable:
@@ -540,23 +539,23 @@ def optimize(model: nn.Module) -> nn.Module:
         else:
             summary.skipped["masked-LM loss"] = why
 
-    # (only the configs it claimed: with a blocker optimize left them alone, and so must restore)
-    hf._fastbert_previous_attn = [(c, previous[k]) for k, c in configs.items()] if blocker is None else []
+    hf._fastbert_previous_attn = claimed
     hf.fastbert_summary = summary
     return model
 
 
-# Configs whose attention implementation fastbert set, by id: [the config (weakly), its implementation before,
-# how many optimized models use it]. Models built from one config object share it (transformers keeps the
-# implementation there), so it goes back only when the last of them is restored, in whichever order.
+# Configs whose attention implementation fastbert set, by id: [the config (weakly; its entry goes when it does),
+# its implementation before, how many optimized models use it]. Models built from one config object share it
+# (transformers keeps the implementation there), so it goes back only when the last of them is restored, in
+# whichever order.
 _CLAIMED_CONFIGS: dict[int, list] = {}
 
 
 def _claim_attention(config) -> str:
     """Set fastbert's attention on config; returns the implementation it had before fastbert's first claim."""
-    entry = _CLAIMED_CONFIGS.get(id(config))
-    if entry is None or entry[0]() is not config:
-        key = id(config)  # (the entry goes with the config: a model optimized and dropped unrestored leaves none)
+    key = id(config)
+    entry = _CLAIMED_CONFIGS.get(key)
+    if entry is None:
         ref = weakref.ref(config, lambda _: _CLAIMED_CONFIGS.pop(key, None))
         entry = _CLAIMED_CONFIGS[key] = [ref, config._attn_implementation, 0]
     entry[2] += 1
@@ -568,7 +567,7 @@ def _release_attention(config, previous: str) -> None:
     """restore's half of _claim_attention: the implementation goes back once no optimized model uses config. A
     config fastbert does not know (a deep copy of an optimized model has its own) gets ``previous`` back."""
     entry = _CLAIMED_CONFIGS.get(id(config))
-    if entry is None or entry[0]() is not config:
+    if entry is None:
         config._attn_implementation = previous
         return
     entry[2] -= 1
