@@ -91,7 +91,7 @@ def fake_gpu(zero_outputs: bool = False):
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
 
-    from fastbert.kernels import add_layer_norm, attention, common, linear_cross_entropy, linear_gelu
+    from fastbert.kernels import add_layer_norm, attention, attention_bwd, common, linear_cross_entropy, linear_gelu
     from fastbert.ops import _add_layer_norm, _attention, _common, _linear_cross_entropy, _linear_gelu
 
     mods = (_common, _add_layer_norm, _attention, _linear_gelu, _linear_cross_entropy)
@@ -99,7 +99,8 @@ def fake_gpu(zero_outputs: bool = False):
     driver.set_active(FakeDriver())
     for m in mods:
         m.use_triton = lambda t: True
-    allocators = (common, add_layer_norm, attention, linear_gelu, linear_cross_entropy) if zero_outputs else ()
+    allocators = (common, add_layer_norm, attention, attention_bwd, linear_gelu, linear_cross_entropy)
+    allocators = allocators if zero_outputs else ()
     saved_empty = [k.empty for k in allocators]
     for k in allocators:
         k.empty = lambda shape, *, device, dtype: torch.zeros(shape, device=device, dtype=dtype)

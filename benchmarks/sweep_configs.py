@@ -134,11 +134,14 @@ DROPOUT_DKDV_CANDIDATES = ((32, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 3), (3
 DROPOUT_DQ_CANDIDATES = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2))
 
 
-def _dropout_args(at, p: float) -> tuple:
+def _dropout_args(p: float) -> tuple:
     """(threshold, scale, seed_ptr) the attention forward takes for dropout probability p: seed_ptr an int64 [1]
     CUDA tensor holding a dropout seed (kernels.common.seed_arg)."""
-    seed = torch.full((1,), at.philox_seed(0), dtype=torch.int64, device="cuda")
-    return at.dropout_threshold(p, at.DROPOUT_BITS.value), 1.0 / (1.0 - p), seed
+    from fastbert.kernels.attention_dropout import DROPOUT_BITS
+    from fastbert.kernels.common import dropout_threshold, philox_seed
+
+    seed = torch.full((1,), philox_seed(0), dtype=torch.int64, device="cuda")
+    return dropout_threshold(p, DROPOUT_BITS.value), 1.0 / (1.0 - p), seed
 
 
 def sweep_attention() -> None:
@@ -186,7 +189,7 @@ def sweep_attention() -> None:
                 return kern[grid](
                     q, k, v, o, lse, mask, cu, *at._strides(q), *at._strides(k), *at._strides(v),
                     *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked),
-                    *_dropout_args(at, 0.1 if drop else 0.0), BLOCK_M=bm, BLOCK_N=bn,
+                    *_dropout_args(0.1 if drop else 0.0), BLOCK_M=bm, BLOCK_N=bn,
                     BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns,
                     enable_fp_fusion=FP_FUSION)  # fmt: skip
 
@@ -204,8 +207,9 @@ def sweep_attention_bwd() -> None:
     """dk/dv and dq kernels of the backward, each config timed alone (BERT-base heads, fp16, with a padding mask),
     after the forward and the preprocess kernel made lse and delta."""
     from fastbert.kernels import attention as at
+    from fastbert.kernels import attention_bwd as ab
 
-    dkdv, dq = at._attention_bwd_dkdv_kernel, at._attention_bwd_dq_kernel
+    dkdv, dq = ab._attention_bwd_dkdv_kernel, ab._attention_bwd_dq_kernel
     B, H, D = 32, 12, 64
     dkdv_cands = ((32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
                   (32, 128, 4, 3))  # fmt: skip
@@ -215,12 +219,12 @@ def sweep_attention_bwd() -> None:
         lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
         mask = at.key_bias(torch.arange(S, device="cuda")[None, :] < lens[:, None], S)
         out, lse = at.attention_fwd(q, k, v, mask)
-        _, _, _ = at.attention_bwd(do, q, k, v, out, lse, mask)  # compiles and warms the shipped configs
+        _, _, _ = ab.attention_bwd(do, q, k, v, out, lse, mask)  # compiles and warms the shipped configs
         delta = torch.empty_like(lse)
         lay = at._Layout(q, k, None, 0, mask)
-        at._attention_bwd_preprocess_kernel[(triton.cdiv(S, at._PREPROCESS_BLOCK_M), B * H)](
+        ab._attention_bwd_preprocess_kernel[(triton.cdiv(S, ab._PREPROCESS_BLOCK_M), B * H)](
             out, do, delta, lay.cu, *at._strides(out), *at._strides(do), S, S, H, D, 0,
-            BLOCK_M=at._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True, num_warps=at._PREPROCESS_WARPS,
+            BLOCK_M=ab._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True, num_warps=ab._PREPROCESS_WARPS,
             enable_fp_fusion=FP_FUSION)  # fmt: skip
         dq_t, dk_t, dv_t = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = (*at._strides(q), *at._strides(k), *at._strides(v), *at._strides(do))
@@ -230,14 +234,14 @@ def sweep_attention_bwd() -> None:
         if S == 512:  # dropout (p = 0.1), as in training: dq and dk/dv read the mask the backward packs first
             runs += [("dkdv", dkdv, c, True) for c in DROPOUT_DKDV_CANDIDATES]
             runs += [("dq", dq, c, True) for c in DROPOUT_DQ_CANDIDATES]
-            threshold, _, seed = _dropout_args(at, 0.1)
+            threshold, _, seed = _dropout_args(0.1)
             bits = torch.empty((B * H, S, triton.cdiv(S, 32) * 4), device="cuda", dtype=torch.uint8)
-            pack = lambda: at.pack_dropout_mask(lay, bits, threshold, seed, 0, B * H)  # noqa: E731
+            pack = lambda: ab.pack_dropout_mask(lay, bits, threshold, seed, 0, B * H)  # noqa: E731
             pack()
             print(f"  packed dropout mask ({bits.numel() / 2**20:.1f} MiB)  {bench(pack):.4f} ms", flush=True)
         for name, kern, (bm, bn, nw, ns), drop in runs:
             p = 0.1 if drop else 0.0
-            flags = (*lay.bwd_flags(p, bits if drop else at.placeholder(q.device, torch.uint8)), 0)
+            flags = (*lay.bwd_flags(p, bits if drop else ab.placeholder(q.device, torch.uint8)), 0)
 
             def run(bm=bm, bn=bn, nw=nw, ns=ns, name=name, kern=kern, flags=flags, drop=drop):
                 if name == "dkdv":

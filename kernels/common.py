@@ -164,7 +164,7 @@ def philox_words(seed, counters):
 @triton.jit
 def dropout_keep(seed, row_ids, row_length, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Dropout keep-mask of a [BLOCK_M, BLOCK_N] tile of a [rows, row_length] mask with 32-bit draws (add_layer_norm's;
-    attention draws 16-bit ones in its own order, kernels.attention._dropout_keep), from Philox-4x32-10 (key
+    attention draws 16-bit ones in its own order, kernels.attention_dropout._dropout_keep), from Philox-4x32-10 (key
     DROPOUT_KEY, counter (seed, element counter)); kept iff the element's draw is >= ``threshold``
     (dropout_threshold(p, 32)).
 

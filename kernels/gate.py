@@ -22,6 +22,7 @@ KERNEL_MODULES = (
     "fastbert.kernels.linear_gelu",
     "fastbert.kernels.linear_gelu_sm90",
     "fastbert.kernels.attention",
+    "fastbert.kernels.attention_bwd",
     "fastbert.kernels.linear_cross_entropy",
 )
 
@@ -171,7 +172,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Compile every fastbert kernel for sm_80 and sm_90 on this CPU.")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--jobs", type=int, default=None)
-    parser.add_argument("--module", action="append", help="only this kernel module (repeatable)")
+    parser.add_argument(
+        "--module",
+        action="append",
+        help="only this kernel module (repeatable; attention is fastbert.kernels.attention and _bwd)",
+    )
     ns = parser.parse_args()
     t0 = time.time()
     results = run_gate(ns.jobs, tuple(ns.module) if ns.module else KERNEL_MODULES)

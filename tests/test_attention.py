@@ -269,7 +269,7 @@ def test_unpad_pad_round_trip():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_dropout_matches_reference_with_kernel_mask(dtype, masked):
-    from fastbert.kernels.attention import dropout_keep_mask
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
 
     b, h, s, d, p = 2, 2, 37, 32, 0.3
     torch.manual_seed(1234)
@@ -285,7 +285,7 @@ def test_dropout_matches_reference_with_kernel_mask(dtype, masked):
 def test_dropout_in_a_cuda_graph_draws_anew_on_each_replay_gpu(monkeypatch, masked):
     """Attention with dropout (forward and backward) captured in a CUDA graph: each replay draws a new seed on the
     device and its result and gradients match the reference with that replay's keep-mask."""
-    from fastbert.kernels.attention import dropout_keep_mask
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
     from fastbert.ops import _attention as mod
 
     b, h, s, d, p = 2, 4, 200, 64, 0.2
@@ -311,7 +311,7 @@ def test_dropout_in_a_cuda_graph_draws_anew_on_each_replay_gpu(monkeypatch, mask
 
 
 def test_dropout_reproducible_and_keep_rate():
-    from fastbert.kernels.attention import dropout_keep_mask
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
 
     q, k, v, _ = make_inputs(1, 2, 33, 32, torch.float32)
     torch.manual_seed(7)
@@ -332,9 +332,9 @@ def test_dropout_reproducible_and_keep_rate():
 @pytest.mark.parametrize("block_n", [32, 128])
 def test_dropout_keep_mask_does_not_depend_on_the_tile(block_n):
     # The forward and the two backward kernels draw the mask in key tiles of different widths (32 to 128): each
-    # must regenerate the same mask (kernels.attention._dropout_keep: one Philox counter serves eight columns of a
-    # 32-key group).
-    from fastbert.kernels.attention import dropout_keep_mask
+    # must regenerate the same mask (kernels.attention_dropout._dropout_keep: one Philox counter serves eight
+    # columns of a 32-key group).
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
 
     expected = dropout_keep_mask(3, 1, 2, 8, 100, 0.5, DEVICE, block_n=64)
     assert torch.equal(dropout_keep_mask(3, 1, 2, 8, 100, 0.5, DEVICE, block_n=block_n), expected)
@@ -344,7 +344,7 @@ def test_dropout_draws_are_not_reused():
     # No two elements, in one row or in neighbouring rows, may share a draw (each row has its own range of Philox
     # counters even when its length is not a multiple of the eight columns a counter serves): with p = 0.5 every
     # pair of columns must be uncorrelated across rows.
-    from fastbert.kernels.attention import dropout_keep_mask
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
 
     keep = dropout_keep_mask(8, 2, 4, 64, 40, 0.5, DEVICE).reshape(-1, 40)
     x = keep.double() * 2 - 1
@@ -372,9 +372,9 @@ def test_dropout_threshold_rounds_p_to_the_draw_width():
 
 def test_dropout_keep_mask_lanes_are_independent():
     # One Philox evaluation gives eight 16-bit draws, to keys 8j + 2t + e (j < 4, e < 2) of a 32-key group
-    # (kernels.attention._dropout_keep): each lane must keep at the requested rate, and neighbours (the two halves
-    # of one 32-bit word, and across words) must agree only as often as independent draws do.
-    from fastbert.kernels.attention import dropout_keep_mask
+    # (kernels.attention_dropout._dropout_keep): each lane must keep at the requested rate, and neighbours (the two
+    # halves of one 32-bit word, and across words) must agree only as often as independent draws do.
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
 
     p = 0.3
     keep = dropout_keep_mask(5, 2, 4, 64, 128, p, DEVICE).reshape(-1, 128).float()
@@ -404,10 +404,10 @@ def _philox4x32_10(c, key):
 
 
 def test_dropout_keep_mask_is_the_documented_philox_stream():
-    # The mask, element by element, from an independent Philox in numpy and the mapping the kernels' module
-    # docstring gives: element (row, col) is the 16-bit half col % 2 of word (col % 32) // 8 at counter
+    # The mask, element by element, from an independent Philox in numpy and the mapping attention_dropout's
+    # module docstring gives: element (row, col) is the 16-bit half col % 2 of word (col % 32) // 8 at counter
     # row * 4 * cdiv(seq_k, 32) + 4 * (col // 32) + (col % 8) // 2, the seed in the counter's upper 64 bits.
-    from fastbert.kernels.attention import DROPOUT_BITS, dropout_keep_mask
+    from fastbert.kernels.attention_dropout import DROPOUT_BITS, dropout_keep_mask
     from fastbert.kernels.common import DROPOUT_KEY, dropout_threshold, philox_seed
 
     seed, rows, seq_k, p = 11, 6, 70, 0.4
@@ -537,7 +537,7 @@ def test_long_sequence_gpu(dtype):
 def test_dropout_backward_in_chunks_of_heads_is_the_same(monkeypatch, chunk):
     """Past its byte budget (long sequences) the backward packs the dropout mask and runs dq and dk/dv for a
     chunk of (batch, head) pairs at a time: the same gradients, bit for bit, padded with a mask and varlen."""
-    from fastbert.kernels import attention as kernels
+    from fastbert.kernels import attention_bwd as kernels
 
     b, h, s, d, p = 2, 2, 45, 32, 0.3
     q, k, v, do = make_inputs(b, h, s, d, torch.float16)
@@ -573,7 +573,7 @@ def test_dropout_backward_in_chunks_of_heads_is_the_same(monkeypatch, chunk):
 
 
 def test_varlen_dropout_matches_reference_with_kernel_mask():
-    from fastbert.kernels.attention import dropout_keep_mask
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
 
     lengths, h, d, p = [9, 1, 30], 2, 32, 0.25
     bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]

@@ -1,5 +1,5 @@
 """ops.attention, ops.attention_varlen, unpad and pad: validation, dispatch, autograd and the torch.library custom
-ops around fastbert.kernels.attention."""
+ops around fastbert.kernels.attention and attention_bwd."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ def _kernels():
 
     assert k.HEAD_DIMS == HEAD_DIMS
     return k
+
+
+def _bwd_kernels():
+    from fastbert.kernels import attention_bwd
+
+    return attention_bwd
 
 
 # One op pair serves both layouts: padded (cu_seqlens None) and varlen (bias None). Optional tensors keep the
@@ -86,14 +92,14 @@ def _bwd_impl(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # do may have any strides (the kernels take all four); an expanded one (stride 0) is fine too.
-    return _kernels().attention_bwd(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed)
+    return _bwd_kernels().attention_bwd(do, q, k, v, out, lse, bias, cu_seqlens, max_seqlen, scale, dropout_p, seed)
 
 
 _bwd = torch.library.custom_op("fastbert::attention_bwd", _bwd_impl, mutates_args=())
 
 
 def _empty_grad(t: torch.Tensor) -> torch.Tensor:
-    # the layout the kernels' launcher gives each gradient (fastbert.kernels.attention._grad_like)
+    # the layout the kernels' launcher gives each gradient (fastbert.kernels.attention_bwd._grad_like)
     if t.dim() == 4 and t.stride(1) < t.stride(2):
         return _empty_out(t)
     return torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -263,7 +269,7 @@ def attention_varlen(
     """Attention within each packed sequence, no padding computed: q, k, v [total_tokens, heads, head_dim] (one
     dtype, any strides), cu_seqlens [batch + 1] int32 (0, then cumulative lengths), max_seqlen >= the longest
     length (as returned by unpad). Returns [total_tokens, heads, head_dim] contiguous. Dropout's keep-mask of
-    token t, head h is row ``h · total_tokens + t`` (see fastbert.kernels.attention).
+    token t, head h is row ``h · total_tokens + t`` (fastbert.kernels.attention_dropout.dropout_keep_mask).
 
     ``validate`` reads cu_seqlens on the host to check it and max_seqlen against it (one device sync). Pass False
     only for a cu_seqlens and max_seqlen built by ``unpad`` (fastbert.optimize does, once per forward): wrong
