@@ -277,6 +277,37 @@ def test_gradient_checkpointing(reentrant):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_with_dropout_regenerates_the_masks(reentrant):
+    """With dropout, a checkpointed layer's rerun in the backward must draw the masks its forward drew
+    (torch.utils.checkpoint restores the RNG state the kernels draw their seeds from): loss and gradients equal
+    those of the same model, same seed, without checkpointing; a different seed changes them."""
+    cfg = bert_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    _, fast = pair(transformers.BertForMaskedLM, cfg)
+    fast.train()
+    ids, mask = batch()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+
+    def run(seed):
+        fast.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        loss = fast(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
+
+    plain = run(5)
+    if hasattr(fast, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        fast.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = run(5)
+    torch.testing.assert_close(checkpointed[0], plain[0], rtol=0, atol=0)
+    assert checkpointed[1].keys() == plain[1].keys()
+    for name, g in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert not torch.equal(run(6)[0], plain[0])
+
+
 def test_training_saves_the_preactivation_not_the_gelu_output():
     """In training, each BertOutput's dense keeps the pre-activation BertIntermediate's backward saves anyway,
     not the GELU output: autograd keeps exactly one [tokens, intermediate] activation per layer less than with
