@@ -1,27 +1,86 @@
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 """Tile-config sweep of the GEMM and attention (forward; dk/dv and dq) kernels on a GPU (a tuning aid, not a
-benchmark result): each candidate launched directly (bypassing the autotuner), timed with CUDA events, with its
-registers and spills from the compiled kernel, beside the cuBLAS / SDPA floor where there is one.
+benchmark result): each candidate launched directly (bypassing the autotuner), its output checked against the
+shipped launcher's (or eager PyTorch's) first, then timed with CUDA events, with its registers and spills from
+the compiled kernel, beside the cuBLAS / SDPA floor where there is one.
 
-    python benchmarks/sweep_configs.py
+    python benchmarks/sweep_configs.py [linear_gelu] [attention] [attention_bwd]
+    python benchmarks/sweep_configs.py --check    # no GPU: every candidate's launch, at small shapes, in Triton's
+                                                  # interpreter, checked and not timed (CI runs it)
+
+A candidate that computes a wrong result prints WRONG and is not timed (under --check it fails the run): the
+launches here pass every kernel argument by hand, and a kernel's signature may move on without them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import sys
 
-import torch
-import triton
+CHECK = "--check" in sys.argv
+if CHECK:  # before Triton and the kernels are imported: they choose the interpreter then
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from fastbert.kernels.common import FP_FUSION  # noqa: E402  (what the launchers pass: the gate's compile)
 
+DEVICE = "cpu" if CHECK else "cuda"
+
 
 def bench(fn) -> float:
+    if CHECK:
+        return float("nan")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def wrong(got: torch.Tensor, want: torch.Tensor, tol: float = 2e-2) -> str:
+    """'' when got matches want (to tol of want's largest magnitude: tiles differ in summation order only), else
+    what is wrong; got was poisoned with NaN before the launch, so an unwritten element shows."""
+    got, want = got.float(), want.float()
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    if err <= tol * scale + 1e-3:  # (NaN compares false)
+        return ""
+    return f"WRONG: max error {err:.3g} against a largest value of {scale:.3g}"
+
+
+def poison(*outputs: torch.Tensor):
+    """A function that fills the outputs with NaN (before a candidate's checked run; never inside a timed one)."""
+    return lambda: [t.fill_(float("nan")) for t in outputs]
+
+
+def report(label: str, run, check, fill, flops: float | None = None, floor: float | None = None) -> None:
+    """Poison the outputs (fill()), run a candidate once, check its output (check() returns '' or what is wrong),
+    then time run() alone. A config that does not compile or launch is a result too (on a GPU); under --check
+    every candidate must run and match."""
+    try:
+        fill()
+        k = run()
+        problem = check()
+    except Exception as e:  # noqa: BLE001
+        if CHECK:
+            raise
+        print(f"  {label}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        return
+    if problem:
+        if CHECK:
+            raise AssertionError(f"{label}: {problem}")
+        print(f"  {label}: {problem} (not timed)", flush=True)
+        return
+    if CHECK:
+        print(f"  {label}  ok (checked, not timed)", flush=True)
+        return
+    ms = bench(run)
+    rate = f"  {flops / ms / 1e9:5.0f} TFLOP/s" if flops else ""
+    vs = f"  {ms / floor:5.2f}x floor" if floor else ""
+    regs = f"  regs {k.n_regs} spills {k.n_spills}" if hasattr(k, "n_regs") else ""
+    print(f"  {label}  {ms:.4f} ms{rate}{vs}{regs}  ok", flush=True)
 
 
 def sweep_linear_gelu() -> None:
@@ -70,30 +129,32 @@ def sweep_linear_gelu() -> None:
         (128, 128, 64, 8, 3, True, 1, None),
         (64, 128, 64, 4, 4, False, 2, None),
     ]
-    hopper = torch.cuda.get_device_capability()[0] == 9
-    sms = sm_count(torch.cuda.current_device())
-    for M, K in ((16384, 768), (16384, 1024), (4096, 768), (128, 768)):
+    # (the interpreter runs the TMA kernel too; --check: a small grid, so that programs loop over tiles)
+    hopper = CHECK or torch.cuda.get_device_capability()[0] == 9
+    sms = 2 if CHECK else sm_count(torch.cuda.current_device())
+    # (--check: rows not a multiple of any block, two N tiles of the widest)
+    shapes = ((130, 64),) if CHECK else ((16384, 768), (16384, 1024), (4096, 768), (128, 768))
+    for M, K in shapes:
         N = 4 * K
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.float16) / K**0.5
-        b = torch.randn(N, device="cuda", dtype=torch.float16)
-        y = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+        w = torch.randn(N, K, device=DEVICE, dtype=torch.float16) / K**0.5
+        b = torch.randn(N, device=DEVICE, dtype=torch.float16)
+        y = torch.empty(M, N, device=DEVICE, dtype=torch.float16)
+        h = torch.empty_like(y)
+        pre = F.linear(x.float(), w.float(), b.float())
+        want = F.gelu(pre)
         floor = bench(lambda: F.linear(x, w, b))
         print(f"linear_gelu fp16 {M}x{K}->{N}: F.linear+bias {floor:.4f} ms "
               f"({2 * M * N * K / floor / 1e9:.0f} TFLOP/s)")  # fmt: skip
 
-        def report(label, run, store):
-            try:
-                k = run()
-                ms = bench(run)
-                print(f"  {label} store={int(store)}  {ms:.4f} ms  {2 * M * N * K / ms / 1e9:5.0f} TFLOP/s  "
-                      f"{ms / floor:5.2f}x floor  regs {k.n_regs} spills {k.n_spills}", flush=True)  # fmt: skip
-            except Exception as e:  # noqa: BLE001 - a config that does not fit is a result too
-                print(f"  {label}: {type(e).__name__}: {str(e)[:100]}")
+        def check(store):
+            return wrong(y, want) or (wrong(h, pre) if store else "")
+
+        def launch(run, store):
+            return run, functools.partial(check, store), poison(y, h)
 
         for bm, bn, bk, nw, ns, halves in cands:
             for store in (False, True):
-                h = torch.empty_like(y)
                 grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
 
                 run = functools.partial(
@@ -101,7 +162,8 @@ def sweep_linear_gelu() -> None:
                     APPROX=0, STORE_PREACT=store, INPUT_PRECISION="tf32", EPILOGUE_HALVES=halves, num_warps=nw,
                     num_stages=ns, enable_fp_fusion=FP_FUSION,
                 )  # fmt: skip
-                report(f"{bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''}", run, store)
+                label = f"{bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''} store={int(store)}"
+                report(label, *launch(run, store), 2 * M * N * K, floor)
         if not hopper:
             continue
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -112,8 +174,6 @@ def sweep_linear_gelu() -> None:
             w_desc = TensorDescriptor(w, [N, K], [K, 1], [bn, bk])
             grid = (min(sms * per_sm, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
             for store in (False, True):
-                h = torch.empty_like(y)
-
                 run = functools.partial(
                     kern90[grid], x_desc, w_desc, b, y, h, M, N, K, 8192, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                     GROUP_M=8, APPROX=0, STORE_PREACT=store, EPILOGUE_HALVES=halves, PROGRAMS_PER_SM=per_sm,
@@ -121,7 +181,8 @@ def sweep_linear_gelu() -> None:
                 )  # fmt: skip
 
                 label = f"sm90 {bm:3d}x{bn:3d}x{bk:2d} w{nw} s{ns}{' halves' if halves else ''} p{per_sm}"
-                report(label + (f" maxnreg {maxnreg}" if maxnreg else ""), run, store)
+                label += (f" maxnreg {maxnreg}" if maxnreg else "") + f" store={int(store)}"
+                report(label, *launch(run, store), 2 * M * N * K, floor)
 
 
 # Tiles that compile without spills with dropout on sm_90 (fp16, head_dim 64; some alternatives spill on sm_80,
@@ -135,13 +196,27 @@ DROPOUT_DQ_CANDIDATES = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 2))
 
 
 def _dropout_args(p: float) -> tuple:
-    """(threshold, scale, seed_ptr) the attention forward takes for dropout probability p: seed_ptr an int64 [1]
-    CUDA tensor holding a dropout seed (kernels.common.seed_arg)."""
+    """(threshold, scale, seed_ptr) the attention kernels take for dropout probability p: seed_ptr an int64 [1]
+    tensor holding a dropout seed (kernels.common.seed_arg)."""
     from fastbert.kernels.attention_dropout import DROPOUT_BITS
     from fastbert.kernels.common import dropout_threshold, philox_seed
 
-    seed = torch.full((1,), philox_seed(0), dtype=torch.int64, device="cuda")
+    seed = torch.full((1,), philox_seed(0), dtype=torch.int64, device=DEVICE)
     return dropout_threshold(p, DROPOUT_BITS.value), 1.0 / (1.0 - p), seed
+
+
+# (batch, heads, sequence lengths) and the length with dropout: BERT-base's heads (fp16, head_dim 64); --check:
+# a small batch at a length that is no multiple of a block
+ATTENTION_SHAPES = ((2, 1, (100,)), 100) if CHECK else ((32, 12, (128, 512, 1024)), 512)
+
+
+def _attention_inputs(at, B, H, S, D):
+    """q, k, v, do as transformers hands them ([B, H, S, D] views of [B, S, H, D]) and the key bias of a padding
+    mask with lengths uniform in [S/4, S]."""
+    q, k, v, do = (torch.randn(B, S, H, D, device=DEVICE, dtype=torch.float16).transpose(1, 2) for _ in range(4))
+    lens = torch.randint(S // 4, S + 1, (B,), device=DEVICE)
+    mask = at.key_bias(torch.arange(S, device=DEVICE)[None, :] < lens[:, None], S)
+    return q, k, v, do, mask
 
 
 def sweep_attention() -> None:
@@ -150,57 +225,53 @@ def sweep_attention() -> None:
     from fastbert.kernels import attention as at
 
     kern = at._attention_fwd_kernel
-    B, H, D = 32, 12, 64
-    cands = [
-        (bm, bn, w, s)
-        for bm, bn, w, s in (
-            (128, 64, 8, 2),
-            (128, 64, 4, 2),
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (128, 128, 8, 3),
-            (64, 64, 4, 2),
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-            (128, 32, 4, 3),
-            (64, 32, 4, 2),
-            (128, 64, 4, 4),
-        )
-    ]
-    for S in (128, 512, 1024):
-        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(3))
-        lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
-        mask = at.key_bias(torch.arange(S, device="cuda")[None, :] < lens[:, None], S)
+    (B, H, seqs), dropout_seq = ATTENTION_SHAPES
+    D = 64
+    cands = (
+        (128, 64, 8, 2),
+        (128, 64, 4, 2),
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (64, 64, 4, 2),
+        (64, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 32, 4, 3),
+        (64, 32, 4, 2),
+        (128, 64, 4, 4),
+    )
+    for S in seqs:
+        q, k, v, _, mask = _attention_inputs(at, B, H, S, D)
         flops = 4 * B * H * S * S * D
         floor = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         print(f"attention fp16 B{B} H{H} S{S} D{D}: SDPA (no mask) {floor:.4f} ms ({flops / floor / 1e9:.0f} TFLOP/s)")
         o = torch.empty_like(q)
-        lse = torch.empty(B * H * S, device="cuda", dtype=torch.float32)
-        cu = torch.zeros(1, dtype=torch.int32, device="cuda")
-        # Dropout (training: p = 0.1) only at 512, on the tiles that compile without spills with it.
+        lse = torch.empty(B * H * S, device=DEVICE, dtype=torch.float32)
+        cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        # Dropout (training: p = 0.1) at one length, on the tiles that compile without spills with it.
         runs = [(c, masked, False) for c in cands for masked in (False, True)]
-        if S == 512:
+        if S == dropout_seq:
             runs += [(c, False, True) for c in DROPOUT_FWD_CANDIDATES]
+        # what each candidate must match: the shipped launcher's output for the same mask and dropout seed
+        dropout = {False: _dropout_args(0.0), True: _dropout_args(0.1)}
+        wants = {(masked, drop): at.attention_fwd(q, k, v, mask if masked else None, dropout_p=0.1 if drop else 0.0,
+                                                  seed=dropout[True][2] if drop else None)  # fmt: skip
+                 for _, masked, drop in runs}  # fmt: skip
         for (bm, bn, nw, ns), masked, drop in runs:
 
             def run(bm=bm, bn=bn, nw=nw, ns=ns, masked=masked, drop=drop):
-                grid = (triton.cdiv(S, bm), B * H)
-                return kern[grid](
+                return kern[(triton.cdiv(S, bm), B * H)](
                     q, k, v, o, lse, mask, cu, *at._strides(q), *at._strides(k), *at._strides(v),
-                    *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked),
-                    *_dropout_args(0.1 if drop else 0.0), BLOCK_M=bm, BLOCK_N=bn,
-                    BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns,
-                    enable_fp_fusion=FP_FUSION)  # fmt: skip
+                    *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked), *dropout[drop],
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw,
+                    num_stages=ns, enable_fp_fusion=FP_FUSION)  # fmt: skip
 
-            try:
-                kk = run()
-                ms = bench(run)
-                print(f"  {bm:3d}x{bn:3d} w{nw} s{ns} mask={int(masked)} dropout={int(drop)}  {ms:.4f} ms  "
-                      f"{flops / ms / 1e9:5.0f} TFLOP/s (all tokens)  regs {kk.n_regs} spills {kk.n_spills}",
-                      flush=True)  # fmt: skip
-            except Exception as e:  # noqa: BLE001
-                print(f"  {bm}x{bn} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
+            def check(want=wants[masked, drop]):
+                return wrong(o, want[0]) or wrong(lse, want[1])
+
+            label = f"{bm:3d}x{bn:3d} w{nw} s{ns} mask={int(masked)} dropout={int(drop)}"
+            report(label, run, check, poison(o, lse), flops)  # (TFLOP/s over all tokens)
 
 
 def sweep_attention_bwd() -> None:
@@ -210,16 +281,19 @@ def sweep_attention_bwd() -> None:
     from fastbert.kernels import attention_bwd as ab
 
     dkdv, dq = ab._attention_bwd_dkdv_kernel, ab._attention_bwd_dq_kernel
-    B, H, D = 32, 12, 64
+    (B, H, seqs), dropout_seq = ATTENTION_SHAPES
+    D = 64
     dkdv_cands = ((32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
                   (32, 128, 4, 3))  # fmt: skip
     dq_cands = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2))
-    for S in (128, 512):
-        q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16).transpose(1, 2) for _ in range(4))
-        lens = torch.randint(S // 4, S + 1, (B,), device="cuda")
-        mask = at.key_bias(torch.arange(S, device="cuda")[None, :] < lens[:, None], S)
+    for S in seqs:
+        q, k, v, do, mask = _attention_inputs(at, B, H, S, D)
         out, lse = at.attention_fwd(q, k, v, mask)
-        _, _, _ = ab.attention_bwd(do, q, k, v, out, lse, mask)  # compiles and warms the shipped configs
+        threshold, scale, seed = _dropout_args(0.1)
+        # what each candidate must match: the shipped backward's gradients, with and without dropout (the same out
+        # and lse, so the same delta); this also compiles and warms the shipped configs
+        wants = {drop: ab.attention_bwd(do, q, k, v, out, lse, mask, dropout_p=0.1 if drop else 0.0,
+                                        seed=seed if drop else None) for drop in (False, True)}  # fmt: skip
         delta = torch.empty_like(lse)
         lay = at._Layout(q, k, None, 0, mask)
         ab._attention_bwd_preprocess_kernel[(triton.cdiv(S, ab._PREPROCESS_BLOCK_M), B * H)](
@@ -231,17 +305,15 @@ def sweep_attention_bwd() -> None:
         print(f"attention bwd fp16 B{B} H{H} S{S} D{D}, with a padding mask")
         runs = [(name, kern, c, False) for name, kern, cands in (("dkdv", dkdv, dkdv_cands), ("dq", dq, dq_cands))
                 for c in cands]  # fmt: skip
-        if S == 512:  # dropout (p = 0.1), as in training: dq and dk/dv read the mask the backward packs first
+        bits = torch.empty((B * H, S, triton.cdiv(S, 32) * 4), device=DEVICE, dtype=torch.uint8)
+        if S == dropout_seq:  # dropout (p = 0.1), as in training: dq and dk/dv read the mask the backward packs first
             runs += [("dkdv", dkdv, c, True) for c in DROPOUT_DKDV_CANDIDATES]
             runs += [("dq", dq, c, True) for c in DROPOUT_DQ_CANDIDATES]
-            threshold, _, seed = _dropout_args(0.1)
-            bits = torch.empty((B * H, S, triton.cdiv(S, 32) * 4), device="cuda", dtype=torch.uint8)
             pack = lambda: ab.pack_dropout_mask(lay, bits, threshold, seed, 0, B * H)  # noqa: E731
             pack()
             print(f"  packed dropout mask ({bits.numel() / 2**20:.1f} MiB)  {bench(pack):.4f} ms", flush=True)
         for name, kern, (bm, bn, nw, ns), drop in runs:
-            p = 0.1 if drop else 0.0
-            flags = (*lay.bwd_flags(p, bits if drop else ab.placeholder(q.device, torch.uint8)), 0)
+            flags = (*lay.bwd_flags(0.1 if drop else 0.0, bits if drop else ab.placeholder(q.device, torch.uint8)), 0)
 
             def run(bm=bm, bn=bn, nw=nw, ns=ns, name=name, kern=kern, flags=flags, drop=drop):
                 if name == "dkdv":
@@ -255,19 +327,19 @@ def sweep_attention_bwd() -> None:
                     S, S, H, D, D**-0.5, D**-0.5 * at.LOG2E, *flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64,
                     HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw, num_stages=ns, enable_fp_fusion=FP_FUSION)  # fmt: skip
 
-            try:
-                kk = run()
-                ms = bench(run)
-                print(f"  {name:4s} {bm:3d}x{bn:3d} w{nw} s{ns} dropout={int(drop)}  {ms:.4f} ms  regs {kk.n_regs} "
-                      f"spills {kk.n_spills}", flush=True)  # fmt: skip
-            except Exception as e:  # noqa: BLE001
-                print(f"  {name} {bm}x{bn} w{nw} s{ns}: {type(e).__name__}: {str(e)[:100]}")
+            def check(name=name, want=wants[drop]):
+                if name == "dkdv":
+                    return wrong(dk_t, want[1]) or wrong(dv_t, want[2])
+                return wrong(dq_t, want[0])
+
+            report(f"{name:4s} {bm:3d}x{bn:3d} w{nw} s{ns} dropout={int(drop)}", run, check, poison(dq_t, dk_t, dv_t))
 
 
 if __name__ == "__main__":
-    harness.no_cuda_exit("sweep_configs")
+    if not CHECK:
+        harness.no_cuda_exit("sweep_configs")
     print(harness.header())
-    which = sys.argv[1:] or ["linear_gelu", "attention", "attention_bwd"]
+    which = [a for a in sys.argv[1:] if a != "--check"] or ["linear_gelu", "attention", "attention_bwd"]
     if "linear_gelu" in which:
         sweep_linear_gelu()
     if "attention" in which:
