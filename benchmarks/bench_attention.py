@@ -10,10 +10,11 @@ only (what a padding-free kernel has to do):
   forward+backward  2.5 x forward             (backward: 5 matmuls of the same size vs 2)
 TFLOP/s = FLOPs / time. Padded providers are charged the same real-token FLOPs: padding is their overhead.
 
-    python benchmarks/bench_attention.py [--quick] [--out DIR]
+    python benchmarks/bench_attention.py [--quick] [--out DIR] [--check]
 
 H100 targets (fp16): no mask >= 0.9x SDPA flash; with mask >= 1.3x SDPA (default); varlen >= 1.7x padded SDPA.
-Without CUDA it says so in one line and exits 0.
+Without CUDA it says so in one line and exits 0; --check runs it without one (benchmarks/harness.py). Each
+fastbert provider's output and gradients are checked against float64 with the test suite's rule first.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-B, H, D = 32, 12, 64
+D = 64
 
 
 def eager(q, k, v, mask):
-    scores = q @ k.transpose(-1, -2) * D**-0.5
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
@@ -106,45 +107,54 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="seq 512 only")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>/)")
+    harness.add_check_flag(parser)
     args = parser.parse_args()
-    harness.no_cuda_exit("bench_attention")
+    dev = harness.start("bench_attention", args)
+    B, H = (2, 1) if harness.CHECK else (32, 12)
+    seqs = (72,) if harness.CHECK else (512,) if args.quick else (128, 256, 512, 1024)
 
     rows = []
     dtype = torch.float16
-    for seq in (512,) if args.quick else (128, 256, 512, 1024):
+    for seq in seqs:
         for lengths_kind in ("full", "random"):
-            g = torch.Generator(device="cuda").manual_seed(seq)
+            g = torch.Generator(device=dev).manual_seed(seq)
             if lengths_kind == "full":
-                lengths = torch.full((B,), seq, device="cuda")
+                lengths = torch.full((B,), seq, device=dev)
             else:
-                lengths = torch.randint(seq // 4, seq + 1, (B,), device="cuda", generator=g)
-            mask = torch.arange(seq, device="cuda")[None, :] < lengths[:, None]
+                lengths = torch.randint(seq // 4, seq + 1, (B,), device=dev, generator=g)
+            mask = torch.arange(seq, device=dev)[None, :] < lengths[:, None]
             flops = 4 * H * D * int((lengths.double() ** 2).sum().item())
             # [B, S, H, D] projections seen as [B, H, S, D], as transformers hands them over
-            q, k, v, do = (torch.randn(B, seq, H, D, device="cuda", dtype=dtype, generator=g).transpose(1, 2)
+            q, k, v, do = (torch.randn(B, seq, H, D, device=dev, dtype=dtype, generator=g).transpose(1, 2)
                            for _ in range(4))  # fmt: skip
             m_arg = None if lengths_kind == "full" else mask
             real = mask[:, None, :, None]
             ref = eager(q.double(), k.double(), v.double(), m_arg) * real
             eager_out = eager(q, k, v, m_arg) * real
             for name, fn in providers(m_arg is not None).items():
-                args, d_out, padded = (q, k, v), do, lambda o: o
+                inputs, d_out, padded = (q, k, v), do, lambda o: o
                 if fn is Packed:
                     packed = Packed(q, k, v, do, mask)
-                    fn, args, d_out, padded = packed.fn, (packed.q, packed.k, packed.v), packed.do, packed.padded
+                    fn, inputs, d_out, padded = packed.fn, (packed.q, packed.k, packed.v), packed.do, packed.padded
                 try:
-                    out = padded(fn(*args, m_arg))
+                    out = padded(fn(*inputs, m_arg))
                 except RuntimeError as e:  # a forced SDPA backend that does not take these inputs
                     print(f"seq {seq:5d} {lengths_kind:6s} {name:16s} skipped: {str(e).splitlines()[0][:80]}")
                     continue
                 ok, err, eager_err = harness.check_close(out * real, ref, eager_out, name)
+                grads_ok = None
+                if name in ("fastbert", "fastbert-varlen+pack"):  # (the packed provider's inputs are not q, k, v)
+                    # queries at padding positions take no gradient (their outputs are not compared either)
+                    grads_ok = harness.check_grads(lambda *t, fn=fn, m=m_arg: fn(*t, m), (q, k, v),
+                                                   lambda *t, m=m_arg: eager(*t, m), do * real,
+                                                   f"{name} seq {seq} {lengths_kind}")  # fmt: skip
                 for mode in ("fwd", "fwd+bwd"):
                     if mode == "fwd":
                         with torch.no_grad():
-                            t = harness.time_ms(lambda fn=fn, a=(*args, m_arg): fn(*a))
+                            t = harness.time_ms(lambda fn=fn, a=(*inputs, m_arg): fn(*a))
                         mode_flops = flops
                     else:
-                        leaves = [t.detach().requires_grad_() for t in args]
+                        leaves = [t.detach().requires_grad_() for t in inputs]
 
                         def step(fn=fn, leaves=leaves, m_arg=m_arg, do=d_out):
                             fn(*leaves, m_arg).backward(do)
@@ -155,10 +165,13 @@ def main() -> None:
                     row = {"op": "attention", "provider": name, "dtype": "float16", "batch": B, "heads": H,
                            "head_dim": D, "seq": seq, "lengths": lengths_kind, "mode": mode, **t, "tflops": tflops,
                            "check_ok": ok, "err": err, "eager_err": eager_err}  # fmt: skip
+                    if mode == "fwd+bwd" and grads_ok is not None:
+                        row["grad_check_ok"] = grads_ok
                     rows.append(row)
+                    grads = "" if "grad_check_ok" not in row else f", gradients {'ok' if grads_ok else 'FAILED'}"
                     print(f"seq {seq:5d} {lengths_kind:6s} {mode:8s} {name:16s} {t['median_ms']:8.3f} ms "
-                          f"{tflops:7.1f} TFLOP/s  check {'ok' if ok else 'FAILED'}")  # fmt: skip
-    cols = ["seq", "lengths", "mode", "provider", "median_ms", "tflops", "check_ok"]
+                          f"{tflops:7.1f} TFLOP/s  check {'ok' if ok else 'FAILED'}{grads}")  # fmt: skip
+    cols = ["seq", "lengths", "mode", "provider", "median_ms", "tflops", "check_ok", "grad_check_ok"]
     harness.write_results("attention", rows, args.out, cols)
     targets(rows)
 

@@ -11,9 +11,10 @@ FLOPs (the softmax is negligible beside the GEMMs):
   forward+backward  forward + dx = dlogits @ weight + dweight = dlogitsᵀ x  6·M·H·V
 TFLOP/s = FLOPs / time. peak_mem_bytes: the most memory allocated during one call beyond its inputs.
 
-    python benchmarks/bench_linear_cross_entropy.py [--quick] [--xlmr] [--out DIR] [--no-compile]
+    python benchmarks/bench_linear_cross_entropy.py [--quick] [--xlmr] [--out DIR] [--no-compile] [--check]
 
-Without CUDA it says so in one line and exits 0.
+Without CUDA it says so in one line and exits 0 (--check: benchmarks/harness.py). fastbert's loss and its gradients
+are checked against float64 first.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def bare_linear(x, w, b, labels):
 
 
 def peak_bytes(fn) -> int:
-    """Memory allocated at the peak of one call of fn, beyond what was allocated before it."""
+    """Memory allocated at the peak of one call of fn, beyond what was allocated before it (0 under --check)."""
+    if harness.CHECK:
+        fn()
+        return 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -54,34 +58,47 @@ def main() -> None:
     parser.add_argument("--xlmr", action="store_true", help="also XLM-R's vocabulary (250002) at 4096 tokens")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>/)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    harness.add_check_flag(parser)
     args = parser.parse_args()
-    harness.no_cuda_exit("bench_linear_cross_entropy")
+    dev = harness.start("bench_linear_cross_entropy", args)
     from fastbert.ops import linear_cross_entropy
 
     def fastbert_loss(x, w, b, labels):
         return linear_cross_entropy(x, w, b, labels)[1]
 
-    compiled = None if args.no_compile else torch.compile(eager, mode="max-autotune-no-cudagraphs")
+    check = harness.CHECK  # (no torch.compile; fp16 autocast only: the interpreter holds bf16 as raw bits)
+    compiled = None if args.no_compile or check else torch.compile(eager, mode="max-autotune-no-cudagraphs")
     shapes = [(16384, 768, 30522)] if args.quick else [(m, h, 30522) for m in (4096, 16384) for h in (768, 1024)]
     if args.xlmr:
         shapes.append((4096, 768, 250002))
-    amps = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
+    shapes = [(64, 32, 500)] if check else shapes  # (a vocabulary the op pads)
+    amps = [torch.float16] if check else [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
     rows = []
     for amp in amps:
         for M, H, V in shapes:
             for labelled in (1.0, 0.15):
-                g = torch.Generator(device="cuda").manual_seed(0)
-                x = torch.randn(M, H, device="cuda", generator=g)
-                w = 2 * torch.randn(V, H, device="cuda", generator=g) / H**0.5
-                b = 0.5 * torch.randn(V, device="cuda", generator=g)
-                labels = torch.randint(0, V, (M,), device="cuda", generator=g)
-                labels[torch.rand(M, device="cuda", generator=g) >= labelled] = -100
+                g = torch.Generator(device=dev).manual_seed(0)
+                x = torch.randn(M, H, device=dev, generator=g)
+                w = 2 * torch.randn(V, H, device=dev, generator=g) / H**0.5
+                b = 0.5 * torch.randn(V, device=dev, generator=g)
+                labels = torch.randint(0, V, (M,), device=dev, generator=g)
+                labels[torch.rand(M, device=dev, generator=g) >= labelled] = -100
                 inputs = (x, w, b, labels)
+
+                def autocast(fn, amp=amp):
+                    def run(*args):
+                        with torch.autocast(dev, dtype=amp):
+                            return fn(*args)
+
+                    return run
+
+                tag = f"loss {M}x{H}->{V}"
                 with torch.no_grad():
                     ref = eager(x.double(), w.double(), b.double(), labels)
-                    with torch.autocast("cuda", dtype=amp):
-                        ok, err, eager_err = harness.check_close(fastbert_loss(*inputs), ref, eager(*inputs),
-                                                                 f"loss {M}x{H}->{V}")  # fmt: skip
+                    ok, err, eager_err = harness.check_close(autocast(fastbert_loss)(*inputs), ref,
+                                                             autocast(eager)(*inputs), tag)  # fmt: skip
+                one = torch.ones((), device=dev)
+                grads_ok = harness.check_grads(autocast(fastbert_loss), inputs, autocast(eager), one, tag, ref64=eager)
                 providers = {"fastbert": fastbert_loss, "eager": eager, "F.linear": bare_linear}
                 if compiled is not None:
                     providers["torch.compile"] = compiled
@@ -92,7 +109,7 @@ def main() -> None:
                         leaves = [t.detach().requires_grad_(mode == "fwd+bwd") for t in inputs[:3]]
 
                         def call(fn=fn, leaves=leaves, mode=mode, amp=amp, labels=labels):
-                            with torch.autocast("cuda", dtype=amp), torch.set_grad_enabled(mode == "fwd+bwd"):
+                            with torch.autocast(dev, dtype=amp), torch.set_grad_enabled(mode == "fwd+bwd"):
                                 out = fn(*leaves, labels)
                             if mode == "fwd+bwd":
                                 out.backward()
@@ -106,14 +123,19 @@ def main() -> None:
                                "dtype": f"{str(amp).removeprefix('torch.')}-autocast", "rows": M, "hidden": H,
                                "vocab": V, "labelled": labelled, "mode": mode, **t, "tflops": tflops,
                                "peak_mem_bytes": peak}  # fmt: skip
+                        checked = ""
                         if name == "fastbert":
                             row |= {"check_ok": ok, "err": err, "eager_err": eager_err}
+                            checked = "  check " + ("ok" if ok else "FAILED")
+                            if mode == "fwd+bwd":
+                                row["grad_check_ok"] = grads_ok
+                                checked += ", gradients " + ("ok" if grads_ok else "FAILED")
                         rows.append(row)
                         print(f"{row['dtype']:16s} {M:6d}x{H:<5d}->{V:<6d} lab {labelled:4.2f} {mode:8s} "
                               f"{name:14s} {t['median_ms']:8.4f} ms {tflops:7.1f} TFLOP/s "
-                              f"peak {peak / 2**30:6.2f} GiB")  # fmt: skip
+                              f"peak {peak / 2**30:6.2f} GiB{checked}")  # fmt: skip
     cols = ["dtype", "rows", "hidden", "vocab", "labelled", "mode", "provider", "median_ms", "tflops",
-            "peak_mem_bytes", "check_ok"]  # fmt: skip
+            "peak_mem_bytes", "check_ok", "grad_check_ok"]  # fmt: skip
     harness.write_results("linear_cross_entropy", rows, args.out, cols)
     for r in (r for r in rows if r["provider"] == "fastbert"):
         key = (r["dtype"], r["rows"], r["hidden"], r["vocab"], r["labelled"], r["mode"])

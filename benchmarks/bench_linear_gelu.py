@@ -6,10 +6,11 @@ FLOPs (the GELU and bias are negligible beside the GEMMs):
   forward+backward  forward + dx = dh @ weight + dweight = dhᵀ x  6·M·K·N
 TFLOP/s = FLOPs / time.
 
-    python benchmarks/bench_linear_gelu.py [--quick] [--out DIR] [--no-compile]
+    python benchmarks/bench_linear_gelu.py [--quick] [--out DIR] [--no-compile] [--check]
 
 H100 targets (BERT intermediate layers, fp16 / bf16): forward >= 1.15x eager, >= 1.0x torch.compile and >= 90% of
-bare F.linear's speed; forward+backward >= 1.1x eager. Without CUDA it says so in one line and exits 0.
+bare F.linear's speed; forward+backward >= 1.1x eager. Without CUDA it says so in one line and exits 0 (--check:
+benchmarks/harness.py). Each fastbert provider's output and gradients are checked against float64 first.
 """
 
 from __future__ import annotations
@@ -58,25 +59,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M 16384, 768 -> 3072 only")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>/)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    harness.add_check_flag(parser)
     args = parser.parse_args()
-    harness.no_cuda_exit("bench_linear_gelu")
+    dev = harness.start("bench_linear_gelu", args)
     from fastbert import ops  # noqa: F401
     from fastbert.ops import linear_gelu
 
-    compiled = None if args.no_compile else torch.compile(eager, mode="max-autotune-no-cudagraphs")
+    check = harness.CHECK  # (no torch.compile; fp16 only: the interpreter holds bf16 as raw bits)
+    compiled = None if args.no_compile or check else torch.compile(eager, mode="max-autotune-no-cudagraphs")
     shapes = [(16384, 768, 3072)] if args.quick else [(m, k, 4 * k) for m in (4096, 16384) for k in (768, 1024)]
+    shapes = [(130, 64, 256)] if check else shapes
     rows = []
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.float16,) if check else (torch.float16, torch.bfloat16):
         for M, K, N in shapes:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
-            w = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
-            b = (0.1 * torch.randn(N, device="cuda", generator=g)).to(dtype)
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(M, K, device=dev, dtype=dtype, generator=g)
+            w = (torch.randn(N, K, device=dev, generator=g) / K**0.5).to(dtype)
+            b = (0.1 * torch.randn(N, device=dev, generator=g)).to(dtype)
+            dy = torch.randn(M, N, device=dev, dtype=dtype, generator=g)
             ref = eager(*(t.double() for t in (x, w, b)))
             providers = {"fastbert": linear_gelu, "eager": eager, "F.linear": bare_linear}
             if compiled is not None:
                 providers["torch.compile"] = compiled
-            if torch.cuda.get_device_capability()[0] == 9:
+            if check or torch.cuda.get_device_capability()[0] == 9:  # (the interpreter runs the TMA kernel too)
                 # Each forward kernel alone ("fastbert" runs whichever its first call timed faster).
                 providers["fastbert-portable"] = forced(linear_gelu, "0")
                 providers["fastbert-sm90"] = forced(linear_gelu, "1")
@@ -85,6 +90,8 @@ def main() -> None:
                 for name, fn in providers.items()
                 if name.startswith("fastbert")
             }
+            grad_checks = {name: harness.check_grads(providers[name], (x, w, b), eager, dy, f"{name} {M}x{K}x{N}")
+                           for name in checks}  # fmt: skip
             for mode, flops in (("fwd", 2 * M * K * N), ("fwd+bwd", 6 * M * K * N)):
                 for name, fn in providers.items():
                     if mode == "fwd":
@@ -92,7 +99,6 @@ def main() -> None:
                             t = harness.time_ms(fn, args_list=[(x, w, b)])
                     else:
                         leaves = [t.detach().requires_grad_() for t in (x, w, b)]
-                        dy = torch.randn(M, N, device="cuda", dtype=dtype)
 
                         def step(fn=fn, leaves=leaves, dy=dy):
                             fn(*leaves).backward(dy)
@@ -104,10 +110,15 @@ def main() -> None:
                     if name in checks:
                         ok, err, eager_err = checks[name]
                         row |= {"check_ok": ok, "err": err, "eager_err": eager_err}
+                        if mode == "fwd+bwd":
+                            row["grad_check_ok"] = grad_checks[name]
                     rows.append(row)
-                    print(f"{row['dtype']:9s} {M:6d}x{K:<5d}->{N:<5d} {mode:8s} {name:14s} "
-                          f"{t['median_ms']:8.4f} ms {tflops:7.1f} TFLOP/s")  # fmt: skip
-    cols = ["dtype", "rows", "in", "out", "mode", "provider", "median_ms", "tflops", "check_ok"]
+                    checked = "" if "check_ok" not in row else "  check " + ("ok" if row["check_ok"] else "FAILED")
+                    if "grad_check_ok" in row:
+                        checked += ", gradients " + ("ok" if row["grad_check_ok"] else "FAILED")
+                    print(f"{row['dtype']:9s} {M:6d}x{K:<5d}->{N:<5d} {mode:8s} {name:17s} "
+                          f"{t['median_ms']:8.4f} ms {tflops:7.1f} TFLOP/s{checked}")  # fmt: skip
+    cols = ["dtype", "rows", "in", "out", "mode", "provider", "median_ms", "tflops", "check_ok", "grad_check_ok"]
     harness.write_results("linear_gelu", rows, args.out, cols)
     targets(rows)
 

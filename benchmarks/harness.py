@@ -1,4 +1,66 @@
-"""The benchmark scripts' helpers: fastbert.benchtools (shared with ``fastbert bench``)."""
+"""The benchmark scripts' helpers: fastbert.benchtools (shared with ``fastbert bench``), plus the scripts' --check
+mode and their gradient check.
 
+--check (no GPU needed; CI runs it): the script runs at tiny shapes on the CPU with the Triton kernels in Triton's
+interpreter, checks every provider it checks on a GPU, calls each timed function once and times nothing, so a
+script that would fail on a GPU fails here first. Results are written only where --out says.
+"""
+
+import math
+import os
+
+import torch
+
+from fastbert import benchtools
 from fastbert.benchtools import *  # noqa: F403
 from fastbert.benchtools import _git  # noqa: F401
+
+CHECK = False
+
+
+def add_check_flag(parser) -> None:
+    parser.add_argument("--check", action="store_true",
+                        help="no GPU: tiny shapes, kernels in Triton's interpreter, checked, not timed")  # fmt: skip
+
+
+def start(name: str, args) -> str:
+    """The device a script runs on: 'cpu' under --check (Triton's interpreter, chosen before fastbert's kernels
+    are imported), else 'cuda', or a one-line message and exit 0 without CUDA."""
+    global CHECK
+    if getattr(args, "check", False):
+        os.environ["TRITON_INTERPRET"] = "1"
+        CHECK = True
+        return "cpu"
+    benchtools.no_cuda_exit(name)
+    return "cuda"
+
+
+def time_ms(fn, *, args_list=None, grad_to_none=None, **kwargs) -> dict:
+    """benchtools.time_ms; under --check one call, and NaN timings."""
+    if not CHECK:
+        return benchtools.time_ms(fn, args_list=args_list, grad_to_none=grad_to_none, **kwargs)
+    fn(*args_list[0]) if args_list else fn()
+    return {"median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan}
+
+
+def write_results(suite, rows, out_dir=None, *args, **kwargs):
+    if CHECK and out_dir is None:
+        print("--check: no result files written (give --out to see them)")
+        return None
+    return benchtools.write_results(suite, rows, out_dir, *args, **kwargs)
+
+
+def check_grads(fn, inputs, ref, grad_out: torch.Tensor, name: str = "", ref64=None) -> bool:
+    """The test suite's rule on every gradient: fn's gradients of the floating-point inputs for the incoming
+    gradient grad_out (fn returns one tensor) against ref64's in float64 (default: ref), with ref's in the inputs'
+    own dtype as eager's error (benchtools.check_close, one gradient at a time). Returns whether all pass."""
+
+    def grads(f, dtype=None):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
+        out = f(*leaves)
+        out.backward(grad_out.to(dtype or out.dtype))
+        return [t.grad for t in leaves if t.is_floating_point()]
+
+    got, want, eager = grads(fn), grads(ref64 or ref, torch.float64), grads(ref)
+    names = [f"{name} d{i}" for i in range(len(got))]
+    return all(benchtools.check_close(*g, n)[0] for *g, n in zip(got, want, eager, names, strict=True))

@@ -207,7 +207,7 @@ def _dropout_args(p: float) -> tuple:
 
 # (batch, heads, sequence lengths) and the length with dropout: BERT-base's heads (fp16, head_dim 64); --check:
 # a small batch at a length that is no multiple of a block
-ATTENTION_SHAPES = ((2, 1, (100,)), 100) if CHECK else ((32, 12, (128, 512, 1024)), 512)
+ATTENTION_SHAPES = ((2, 1, (70,)), 70) if CHECK else ((32, 12, (128, 512, 1024)), 512)
 
 
 def _attention_inputs(at, B, H, S, D):

@@ -1,14 +1,33 @@
-"""benchmarks/sweep_configs.py launches every tile candidate by hand, passing each kernel argument itself, and only
-runs on a GPU, whose sessions are short and rare: a kernel signature that moved on without it would waste one. Its
---check mode runs every candidate's launch in Triton's interpreter at small shapes and checks each result against
-the shipped launcher's (or eager PyTorch's); this runs it."""
+"""The GPU-only benchmark scripts, run without a GPU in their --check mode: tiny shapes on the CPU with the kernels
+in Triton's interpreter, every check they make on a GPU, nothing timed. GPU sessions are short and rare; a script
+that would fail in one (a kernel signature that moved on, a renamed variable) must fail here first."""
 
+import json
 import re
+
+import pytest
 
 from conftest import run_benchmark_script
 
 
+@pytest.mark.parametrize("script, suite", [("bench_attention.py", "attention"), ("bench_linear_gelu.py", "linear_gelu"),
+                                           ("bench_add_layer_norm.py", "add_layer_norm"),
+                                           ("bench_linear_cross_entropy.py", "linear_cross_entropy")])  # fmt: skip
+def test_op_benchmark_checks_every_fastbert_provider(tmp_path, script, suite):
+    run_benchmark_script(script, "--check", "--out", str(tmp_path))
+    (path,) = tmp_path.glob(f"{suite}-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    ours = [r for r in rows if r["provider"].startswith("fastbert")]
+    assert ours and {r["mode"] for r in ours} == {"fwd", "fwd+bwd"}, rows
+    assert all(r["check_ok"] for r in ours), ours
+    # the gradients of every fastbert provider that takes the padded inputs (attention's pre-packed one does not)
+    graded = [r for r in ours if r["mode"] == "fwd+bwd" and r["provider"] != "fastbert-varlen"]
+    assert graded and all(r["grad_check_ok"] for r in graded), graded
+
+
 def test_every_sweep_candidate_launches_and_matches():
+    """benchmarks/sweep_configs.py launches every tile candidate by hand, passing each kernel argument itself; its
+    --check runs them all and compares each with the shipped launcher's (or eager PyTorch's) result."""
     out = run_benchmark_script("sweep_configs.py", "--check")
     checked = re.findall(r"^  (.+?)  ok \(checked, not timed\)$", out, re.M)
     sections = ("linear_gelu fp16", "attention fp16", "attention bwd fp16")
