@@ -29,7 +29,7 @@ def eager(x, r, w, b):
     return F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-12)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="rows 16384 x hidden 768 only")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>/)")
@@ -94,6 +94,7 @@ def main() -> None:
             "grad_check_ok"]  # fmt: skip
     harness.write_results("add_layer_norm", rows, args.out, cols, {"copy_gbps": copy_gbps})
     targets(rows)
+    return harness.exit_status(rows)
 
 
 def targets(rows: list[dict]) -> None:
@@ -118,4 +119,4 @@ def targets(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -52,7 +52,7 @@ def peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="16384 tokens x 768 -> 30522, bf16 autocast only")
     parser.add_argument("--xlmr", action="store_true", help="also XLM-R's vocabulary (250002) at 4096 tokens")
@@ -147,7 +147,8 @@ def main() -> None:
                     f"{' '.join(map(str, key))}: {o['median_ms'] / r['median_ms']:.2f}x {other}'s speed, "
                     f"{r['peak_mem_bytes'] / max(1, o['peak_mem_bytes']):.2f}x its peak memory"
                 )
+    return harness.exit_status(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

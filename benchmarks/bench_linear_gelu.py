@@ -54,7 +54,7 @@ def forced(fn, value: str):
     return run
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="M 16384, 768 -> 3072 only")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<gpu>/)")
@@ -121,6 +121,7 @@ def main() -> None:
     cols = ["dtype", "rows", "in", "out", "mode", "provider", "median_ms", "tflops", "check_ok", "grad_check_ok"]
     harness.write_results("linear_gelu", rows, args.out, cols)
     targets(rows)
+    return harness.exit_status(rows)
 
 
 def targets(rows: list[dict]) -> None:
@@ -144,4 +145,4 @@ def targets(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,10 @@ mode and their gradient check.
 
 --check (no GPU needed; CI runs it): the script runs at tiny shapes on the CPU with the Triton kernels in Triton's
 interpreter, checks every provider it checks on a GPU, calls each timed function once and times nothing, so a
-script that would fail on a GPU fails here first. Results are written only where --out says.
+script that would fail on a GPU fails here first. Results are written only where --out says. What it does not
+follow: the kernels run the interpreter's tiles (not the GPU's tables), in fp16 only (the interpreter holds bf16
+as raw bits), without torch.compile, and linear_gelu's timed choice between its two forwards is not made (both
+forced providers run). A script exits 1 when a check failed (exit_status).
 """
 
 import math
@@ -50,17 +53,31 @@ def write_results(suite, rows, out_dir=None, *args, **kwargs):
     return benchtools.write_results(suite, rows, out_dir, *args, **kwargs)
 
 
-def check_grads(fn, inputs, ref, grad_out: torch.Tensor, name: str = "", ref64=None) -> bool:
-    """The test suite's rule on every gradient: fn's gradients of the floating-point inputs for the incoming
-    gradient grad_out (fn returns one tensor) against ref64's in float64 (default: ref), with ref's in the inputs'
-    own dtype as eager's error (benchtools.check_close, one gradient at a time). Returns whether all pass."""
+def check_grads(fn, inputs, ref, grad_out: torch.Tensor, name: str = "", ref64=None, real=None) -> bool:
+    """The test suite's rule on a training call: fn's output with autograd on (the path a fwd+bwd row times,
+    which may differ from the no-grad forward's: linear_gelu then also stores its pre-activation) and its
+    gradients of the floating-point inputs for the incoming gradient grad_out (fn returns one tensor), each
+    against ref64's in float64 (default: ref), with ref's in the inputs' own dtype as eager's error
+    (benchtools.check_close, one tensor at a time); ``real`` (optional) multiplies the outputs before they are
+    compared (attention: padding queries, whose outputs a packed provider leaves zero). Returns whether all
+    pass."""
 
-    def grads(f, dtype=None):
+    def run(f, dtype=None):
         leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
         out = f(*leaves)
         out.backward(grad_out.to(dtype or out.dtype))
-        return [t.grad for t in leaves if t.is_floating_point()]
+        out_seen = out.detach() if real is None else out.detach() * real
+        return [out_seen, *(t.grad for t in leaves if t.is_floating_point())]
 
-    got, want, eager = grads(fn), grads(ref64 or ref, torch.float64), grads(ref)
-    names = [f"{name} d{i}" for i in range(len(got))]
+    got, want, eager = run(fn), run(ref64 or ref, torch.float64), run(ref)
+    names = [f"{name} {'output' if i == 0 else f'd{i}'}" for i in range(len(got))]
     return all(benchtools.check_close(*g, n)[0] for *g, n in zip(got, want, eager, names, strict=True))
+
+
+def exit_status(rows: list[dict]) -> int:
+    """1 when a row's output or gradient check failed (said on one line; the rows are written), else 0."""
+    failed = [r for r in rows if r.get("check_ok") is False or r.get("grad_check_ok") is False]
+    if failed:
+        print(f"CHECK FAILED in {len(failed)} rows: {sorted({r['provider'] for r in failed})}; their timings mean "
+              "nothing")  # fmt: skip
+    return int(bool(failed))

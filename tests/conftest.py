@@ -17,6 +17,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
+    # One intra-op thread, here and in the subprocesses tests start: the compile gate's subprocess compiles beside
+    # the suite on every core, and a second thread only spun against it (on 2 cores the CPU fine-tune test took
+    # 94 s in the suite, 12 s alone); the same count whether or not the gate runs, so a rerun sums alike.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Kernel outputs start as NaN (fastbert.kernels.common.empty): an element a kernel forgets to write fails.
 os.environ["FASTBERT_POISON"] = "1"
 
@@ -28,7 +33,6 @@ def run_benchmark_script(name: str, *args: str) -> str:
     GPU or use Triton's compiled launch path; this session's interpreter would replace them). Fails on a non-zero
     exit."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # (see pytest_collection_modifyitems)
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=600,
                           check=True).stdout  # fmt: skip
@@ -73,10 +77,6 @@ def pytest_collection_modifyitems(config, items):
     if gate_items:
         items[:] = [i for i in items if i.path.name != "test_compile.py"] + gate_items
         _start_gate(jobs=os.cpu_count() or 1)
-        if not HAS_CUDA:
-            # The gate's compiles hold the cores meanwhile: PyTorch's other intra-op threads would only spin
-            # against them (on 2 cores the CPU fine-tune test took 94 s in the suite against 10 s alone).
-            torch.set_num_threads(1)
 
 
 _GATE: dict = {}
