@@ -97,8 +97,8 @@ def main() -> int:
                     ref = eager(x.double(), w.double(), b.double(), labels)
                     ok, err, eager_err = harness.check_close(autocast(fastbert_loss)(*inputs), ref,
                                                              autocast(eager)(*inputs), tag)  # fmt: skip
-                one = torch.ones((), device=dev)
-                grads_ok = harness.check_grads(autocast(fastbert_loss), inputs, autocast(eager), one, tag, ref64=eager)
+                training = harness.TrainingReference(autocast(eager), inputs, torch.ones((), device=dev), ref64=eager)
+                grads_ok = training.check(autocast(fastbert_loss), tag)
                 providers = {"fastbert": fastbert_loss, "eager": eager, "F.linear": bare_linear}
                 if compiled is not None:
                     providers["torch.compile"] = compiled

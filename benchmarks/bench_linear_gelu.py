@@ -90,8 +90,8 @@ def main() -> int:
                 for name, fn in providers.items()
                 if name.startswith("fastbert")
             }
-            grad_checks = {name: harness.check_grads(providers[name], (x, w, b), eager, dy, f"{name} {M}x{K}x{N}")
-                           for name in checks}  # fmt: skip
+            training = harness.TrainingReference(eager, (x, w, b), dy)
+            grad_checks = {name: training.check(providers[name], f"{name} {M}x{K}x{N}") for name in checks}
             for mode, flops in (("fwd", 2 * M * K * N), ("fwd+bwd", 6 * M * K * N)):
                 for name, fn in providers.items():
                     if mode == "fwd":

@@ -53,25 +53,32 @@ def write_results(suite, rows, out_dir=None, *args, **kwargs):
     return benchtools.write_results(suite, rows, out_dir, *args, **kwargs)
 
 
-def check_grads(fn, inputs, ref, grad_out: torch.Tensor, name: str = "", ref64=None, real=None) -> bool:
-    """The test suite's rule on a training call: fn's output with autograd on (the path a fwd+bwd row times,
-    which may differ from the no-grad forward's: linear_gelu then also stores its pre-activation) and its
-    gradients of the floating-point inputs for the incoming gradient grad_out (fn returns one tensor), each
-    against ref64's in float64 (default: ref), with ref's in the inputs' own dtype as eager's error
-    (benchtools.check_close, one tensor at a time); ``real`` (optional) multiplies the outputs before they are
-    compared (attention: padding queries, whose outputs a packed provider leaves zero). Returns whether all
-    pass."""
+class TrainingReference:
+    """The test suite's rule on a training call, for one set of inputs: ref's output and gradients of the
+    floating-point inputs (for the incoming gradient grad_out; ref returns one tensor) in float64 (ref64's, default
+    ref's) and in the inputs' own dtype (eager's error), computed once; check(fn) holds a provider's to them
+    (benchtools.check_close, one tensor at a time). The output is the one of the autograd call, the path a
+    fwd+bwd row times, which may differ from the no-grad forward's (linear_gelu then also stores its
+    pre-activation). ``real`` (optional) multiplies the outputs before they are compared (attention: padding
+    queries, whose outputs a packed provider leaves zero)."""
 
-    def run(f, dtype=None):
-        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
+    def __init__(self, ref, inputs, grad_out: torch.Tensor, ref64=None, real=None):
+        self.inputs, self.grad_out, self.real = inputs, grad_out, real
+        self.want, self.eager = self._run(ref64 or ref, torch.float64), self._run(ref)
+
+    def _run(self, f, dtype=None) -> list[torch.Tensor]:
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t.is_floating_point() else t
+                  for t in self.inputs]  # fmt: skip
         out = f(*leaves)
-        out.backward(grad_out.to(dtype or out.dtype))
-        out_seen = out.detach() if real is None else out.detach() * real
-        return [out_seen, *(t.grad for t in leaves if t.is_floating_point())]
+        out.backward(self.grad_out.to(dtype or out.dtype))
+        seen = out.detach() if self.real is None else out.detach() * self.real
+        return [seen, *(t.grad for t in leaves if t.is_floating_point())]
 
-    got, want, eager = run(fn), run(ref64 or ref, torch.float64), run(ref)
-    names = [f"{name} {'output' if i == 0 else f'd{i}'}" for i in range(len(got))]
-    return all(benchtools.check_close(*g, n)[0] for *g, n in zip(got, want, eager, names, strict=True))
+    def check(self, fn, name: str = "") -> bool:
+        """Whether fn's output and every gradient pass."""
+        got = self._run(fn)
+        names = [f"{name} {'output' if i == 0 else f'd{i}'}" for i in range(len(got))]
+        return all(benchtools.check_close(*g, n)[0] for *g, n in zip(got, self.want, self.eager, names, strict=True))
 
 
 def exit_status(rows: list[dict]) -> int:
