@@ -11,8 +11,14 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
-import torch
+# The tests use fastbert as installed. `python -m pytest` in the checkout puts its root first on sys.path, where the
+# folder kernels/ would answer `import kernels` in place of HuggingFace's hub-kernels, which transformers (>= 5.25)
+# imports with its models (fastbert/_shadow.py): the root goes, before anything imports transformers.
+_ROOT = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path[:] = [p for p in sys.path if not (isinstance(p, str) and os.path.realpath(p or os.curdir) == _ROOT)]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -30,10 +30,13 @@ def _interpreter_breaks_on_numpy() -> bool:
 @pytest.mark.skipif(_interpreter_breaks_on_numpy(), reason="Triton's interpreter fails with this numpy (see above)")
 def test_dry_run_writes_results(tmp_path):
     # A fresh process, as a user runs it: the dry run needs Triton's interpreter, which Triton picks when the
-    # kernels are first imported (on a GPU machine this test process has compiled kernels already).
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # kernels are first imported (on a GPU machine this test process has compiled kernels already). Started in the
+    # checkout's root, as `python -m fastbert` from there: the root, first on sys.path, must not hide HuggingFace's
+    # hub-kernels from transformers (fastbert/_shadow.py).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"} | {"TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "fastbert", "bench", "--dry-run", "--out", str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = list(tmp_path.glob("*.json"))
     assert len(results) == 1, sorted(p.name for p in tmp_path.iterdir())

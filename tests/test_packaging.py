@@ -2,6 +2,9 @@
 hub-kernels package owns that name and transformers probes for it), and importing fastbert does no work."""
 
 import ast
+import importlib.metadata
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -9,29 +12,99 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(code: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run(code: str, cwd, env=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONSAFEPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
 
 
-def test_transformers_and_fastbert_import_together_from_repo_root():
-    # From the repository root the folder kernels/ is importable as `kernels`: transformers must not trip on it.
-    code = (
-        "from transformers import BertModel\n"
-        "import fastbert\n"
-        "from fastbert import ops\n"
-        "import transformers.utils.import_utils as iu\n"
-        "assert not iu.is_kernels_available(), 'transformers took fastbert/kernels for hub kernels'\n"
-        "print('ok')\n"
-    )
-    proc = _run(code, ROOT)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+def _hub_kernels_installed() -> bool:
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def test_no_top_level_kernels_module_installed(tmp_path):
-    code = "import importlib.util, fastbert.kernels\nprint(importlib.util.find_spec('kernels'))"
+    # fastbert's installed files and its editable finder expose no top-level `kernels`; what `import kernels` finds
+    # outside the checkout is HuggingFace's hub-kernels (transformers >= 5.25 depends on it) or nothing.
+    code = (
+        "import importlib.util, fastbert.kernels\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(spec.origin if spec is not None else None)\n"
+    )
     proc = _run(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "None"
+    origin = proc.stdout.strip()
+    if _hub_kernels_installed():
+        hub = pathlib.Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+        assert pathlib.Path(origin).resolve() == hub, (origin, hub)
+    else:
+        assert origin == "None"
+    dist = importlib.metadata.distribution("fastbert")
+    tops = {pathlib.PurePath(str(f)).parts[0] for f in dist.files or []}
+    assert "kernels" not in tops, sorted(tops)
+    assert "kernels" not in (dist.read_text("top_level.txt") or "").split()
+    for f in dist.files or []:
+        if f.name.startswith("__editable__") and f.name.endswith("_finder.py"):
+            tree = ast.parse(pathlib.Path(dist.locate_file(f)).read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.AnnAssign | ast.Assign) and isinstance(node.value, ast.Dict):
+                    keys = {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+                    assert not {k for k in keys if k == "kernels" or str(k).startswith("kernels.")}, keys
+
+
+def test_fastbert_and_transformers_from_repo_root():
+    # Python started in the checkout's root (`python -c`): the folder kernels/ answers `import kernels`. With
+    # HuggingFace's hub-kernels installed that breaks transformers' model imports, and `import fastbert` must say so
+    # (fastbert/_shadow.py); without it transformers finds no version for the folder and must leave it alone.
+    code = (
+        "import json, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastbert\n"
+        "    from fastbert import ops\n"
+        "names = [type(w.message).__name__ for w in caught]\n"
+        "text = [str(w.message) for w in caught]\n"
+        "try:\n"
+        "    from transformers import BertModel\n"
+        "    imported = True\n"
+        "except ImportError:\n"
+        "    imported = False\n"
+        "print(json.dumps({'warnings': names, 'text': text, 'bert': imported}))\n"
+    )
+    proc = _run(code, ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if _hub_kernels_installed():
+        assert got["warnings"] == ["ShadowedHubKernelsWarning"], got
+        assert "PYTHONSAFEPATH=1" in got["text"][0] and str(ROOT / "kernels") in got["text"][0], got
+    else:
+        assert got["warnings"] == [] and got["bert"], got
+
+
+def test_python_m_fastbert_from_repo_root_drops_the_root():
+    # `python -m fastbert ...` in the checkout's root: fastbert is the program, so while its package imports
+    # (sys.argv[0] is "-m") it takes the root off sys.path and transformers' models import. The -m start is
+    # simulated here (sys.orig_argv, sys.argv) to import transformers' BERT cheaply in the same process.
+    code = (
+        "import sys, warnings\n"
+        "warnings.simplefilter('error')\n"
+        "sys.orig_argv, sys.argv = [sys.executable, '-m', 'fastbert', 'bench'], ['-m']\n"
+        "import fastbert\n"
+        "sys.argv = ['fastbert']\n"
+        "from transformers import BertModel\n"
+        "import importlib.util\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print('ok', spec.origin if spec is not None else None)\n"
+    )
+    proc = _run(code, ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert out[0] == "ok", proc.stdout
+    if _hub_kernels_installed():
+        assert pathlib.Path(out[1]).resolve() != ROOT / "kernels" / "__init__.py", out
 
 
 def test_kernels_init_has_no_imports_or_statements():
