@@ -24,14 +24,10 @@ class ShadowedHubKernelsWarning(UserWarning):
     """fastbert's kernels/ folder hides HuggingFace's hub-kernels package from `import kernels`."""
 
 
-def _real(path: str) -> str:
-    return os.path.realpath(path)
-
-
 def _ours() -> str | None:
     """The file fastbert.kernels is loaded from (its __init__.py), or None."""
     spec = importlib.util.find_spec("fastbert.kernels")
-    return _real(spec.origin) if spec is not None and spec.origin else None
+    return os.path.realpath(spec.origin) if spec is not None and spec.origin else None
 
 
 def _shadowing_entries(ours: str) -> list[str]:
@@ -40,7 +36,7 @@ def _shadowing_entries(ours: str) -> list[str]:
     for entry in sys.path:
         if isinstance(entry, str):
             candidate = os.path.join(entry or os.getcwd(), "kernels", "__init__.py")
-            if os.path.isfile(candidate) and _real(candidate) == ours:
+            if os.path.isfile(candidate) and os.path.realpath(candidate) == ours:
                 hits.append(entry)
     return hits
 
@@ -60,7 +56,7 @@ def shadowed() -> tuple[list[str], str] | None:
         except (ImportError, ValueError):
             return None
         origin = spec.origin if spec is not None else None
-    if not origin or _real(origin) != ours:
+    if not origin or os.path.realpath(origin) != ours:
         return None
     try:
         version = importlib.metadata.version("kernels")

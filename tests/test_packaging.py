@@ -12,8 +12,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(code: str, cwd, env=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONSAFEPATH"}
+def _run(code: str, cwd) -> subprocess.CompletedProcess:
+    # Without PYTHONSAFEPATH, so that `python -c` puts its working directory first on sys.path, as a user's does.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
                           env=env)  # fmt: skip
 
