@@ -173,7 +173,12 @@ def main() -> int:
                     print(f"seq {seq:5d} {lengths_kind:6s} {mode:8s} {name:16s} {t['median_ms']:8.3f} ms "
                           f"{tflops:7.1f} TFLOP/s  check {'ok' if ok else 'FAILED'}{grads}")  # fmt: skip
     cols = ["seq", "lengths", "mode", "provider", "median_ms", "tflops", "check_ok", "grad_check_ok"]
-    harness.write_results("attention", rows, args.out, cols)
+    from fastbert.kernels.attention import tuned_tiles
+
+    tiles = tuned_tiles()  # (on a GPU: what each kernel's first call per bucket chose, README "Tuned configs")
+    for t in tiles:
+        print("tile chosen: " + " ".join(f"{k}={v}" for k, v in t.items()))
+    harness.write_results("attention", rows, args.out, cols, extra={"attention_tiles": tiles})
     targets(rows)
     return harness.exit_status(rows)
 

@@ -28,11 +28,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 case "${1:-}" in
 brief)
   # What a lease of 15 device minutes (start-up included) should buy first, in one call of at most ~8 minutes:
-  # the GPU tests of every kernel (bf16, BERT shapes, dropout on the device), the attention benchmark (the
-  # kernels most changed on the CPU since the last GPU run) and the training step, fastbert beside SDPA, each
+  # the GPU tests of every kernel (bf16, BERT shapes, dropout on the device, attention's alternate tiles), the
+  # attention benchmark (the kernels most changed on the CPU since the last GPU run; it prints the tiles its
+  # timing chose) and the training step, fastbert beside SDPA, each
   # also captured in a CUDA graph. The rest (ops, bert, sweeps, audit) when a lease allows another call.
   timeout -s INT 200 python3 -m pytest -q -n 14 -p no:cacheprovider -rfE --tb=short --durations=10 \
-    -k "gpu or dropout" tests/test_attention.py tests/test_add_layer_norm.py tests/test_linear_gelu.py \
+    -k "gpu or dropout or alternate" tests/test_attention.py tests/test_attention_tiles.py \
+    tests/test_add_layer_norm.py tests/test_linear_gelu.py \
     tests/test_linear_cross_entropy.py tests/test_optimize.py tests/test_torch_compile.py 2>&1 | tee "$OUT/tests.log"
   timeout 130 python3 benchmarks/bench_attention.py --quick --out "$OUT" 2>&1 | tee "$OUT/ops.log"
   timeout 150 fastbert bench --suite train --seq 512 --lengths full \

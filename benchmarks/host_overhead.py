@@ -96,6 +96,7 @@ def fake_gpu(zero_outputs: bool = False):
 
     mods = (_common, _add_layer_norm, _attention, _linear_gelu, _linear_cross_entropy)
     saved = [m.use_triton for m in mods], driver._active, Autotuner._bench, os.environ.get("FASTBERT_LINEAR_GELU_SM90")
+    saved_tiles = attention._on_gpu, attention._time
     driver.set_active(FakeDriver())
     for m in mods:
         m.use_triton = lambda t: True
@@ -106,6 +107,8 @@ def fake_gpu(zero_outputs: bool = False):
         k.empty = lambda shape, *, device, dtype: torch.zeros(shape, device=device, dtype=dtype)
     # Nothing can be timed: the autotuners keep their first config, linear_gelu its portable kernel.
     Autotuner._bench = lambda self, *args, config, **kwargs: [1.0, 1.0, 1.0]
+    # attention's tiles take the GPU's path (the bucket lookup a launch), all timed alike: the defaults stay
+    attention._on_gpu, attention._time = (lambda q: True), (lambda launch, meta: 1.0)
     os.environ["FASTBERT_LINEAR_GELU_SM90"] = "0"
     try:
         yield
@@ -115,6 +118,7 @@ def fake_gpu(zero_outputs: bool = False):
         for k, f in zip(allocators, saved_empty, strict=True):
             k.empty = f
         driver._active, Autotuner._bench = saved[1], saved[2]
+        attention._on_gpu, attention._time = saved_tiles
         if saved[3] is None:
             os.environ.pop("FASTBERT_LINEAR_GELU_SM90")
         else:

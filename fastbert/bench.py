@@ -493,7 +493,10 @@ def main(args: argparse.Namespace) -> int:
         cols = ["suite", "model", "dtype", "batch", "seq", "lengths", "provider", "median_ms", "tokens_per_s",
                 "peak_mem_bytes", "status"]  # fmt: skip
         settings = {k: v for k, v in vars(args).items() if not callable(v)}  # `fastbert bench` adds its handler
-        path = benchtools.write_results("bert", rows, args.out, cols, extra=extra | {"args": settings})
+        from fastbert.kernels.attention import tuned_tiles  # (what attention's timing chose: README "Tuned configs")
+
+        extra |= {"args": settings, "attention_tiles": tuned_tiles()}
+        path = benchtools.write_results("bert", rows, args.out, cols, extra=extra)
         _plot(rows, path.with_suffix(".png"))
         for line in targets(rows):
             print(line)

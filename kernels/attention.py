@@ -26,7 +26,7 @@ extraction, compares, bounds) that the fp32 bias, padded to whole blocks, does n
 
 The backward's kernels (dq, dk, dv, FlashAttention-2) are in fastbert.kernels.attention_bwd, the dropout mask's
 Philox stream in fastbert.kernels.attention_dropout. This module holds what they share: the tile tables of all
-three kernels (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS, looked up by _meta), the launchers' _Layout, the jit
+three kernels (_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS, chosen from by _Tiles), the launchers' _Layout, the jit
 helpers (_sequence, _d_ok, _key_bias, _attended_prefix, _dot) and the compile gate's table_cases.
 
 Row id of query i of (b, h), the index of its lse and its row of the dropout mask, is ``(b·heads + h)·seq_q + i``
@@ -46,7 +46,6 @@ otherwise cost registers when unused).
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
@@ -59,6 +58,7 @@ from fastbert.kernels.common import (
     SM90_SHARED_TWO_BLOCKS,
     GateCase,
     aligned_base,
+    autotune_pinned,
     cdiv,
     dropout_threshold,
     empty,
@@ -76,8 +76,10 @@ LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------- tuning
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, dtypes, block_d values) a config applies to. BLOCK_M is the query
 # block, BLOCK_N the key block, in all three kernels. Kept short: every entry is compiled by the gate for each
-# dtype and head-dim block it applies to, and each (dtype, head-dim block, dropout) call matches exactly one
-# entry of each table (_meta; tests/test_launch_spec.py checks).
+# dtype and head-dim block it applies to. Each (dtype, head-dim block, dropout) call matches one or more entries
+# of each table, in table order: the first is its default, chosen from the compile (registers, instructions per
+# score); the others are alternates, which _Tiles times against the default on a GPU, once per bucket of
+# sequence length and of batch x heads (tests/test_launch_spec.py checks that every call has a default).
 _HALF = ("fp16", "bf16")
 # An optional 7th field limits an entry to calls with (True) or without (False) dropout: the forward's Philox
 # state costs registers, and the larger tiles spill with it (the compile gate showed it). With dropout the loops
@@ -103,6 +105,12 @@ _FWD_CONFIGS = (
     (16, 32, 4, 1, ("fp32",), (32,), True),
     (32, 32, 8, 1, ("fp32",), (64,)),
     (16, 32, 8, 1, ("fp32",), (128,)),
+    # Alternate: 64-row tiles on 4 warps, twice the programs of the default's, for grids that leave SMs idle
+    # (short sequences, small batches: batch 1 x 12 heads x 128 tokens is 12 programs of 128 rows on 132 SMs).
+    # 128 / 125 registers on sm_90 without / with dropout, spill-free on sm_80 (the 64 x 64 dropout tile spilled
+    # there); not yet timed.
+    (64, 64, 4, 3, _HALF, (32, 64), False),
+    (64, 32, 4, 2, _HALF, (32, 64), True),
 )
 # dk/dv holds two [BLOCK_N, BLOCK_D] fp32 accumulators and transposed tiles: smaller query blocks than dq.
 # Entries split by dropout where Triton 3.6's or 3.9's register allocation spilled one of the variants (the
@@ -117,6 +125,11 @@ _DKDV_CONFIGS = (
     (16, 32, 8, 1, ("fp32",), (32, 128)),  # (32 x 32 spilled on sm_80 under Triton 3.6 with dropout)
     (16, 32, 4, 1, ("fp32",), (64,), False),
     (32, 32, 8, 1, ("fp32",), (64,), True),
+    # Alternates: 64-key blocks on 4 warps, twice the programs (the default's 128-key blocks make one a (batch,
+    # head) at 128 tokens). 150 / 233 registers on sm_90 without / with dropout, spill-free on sm_80 (with dropout
+    # only at 1 stage); not yet timed.
+    (32, 64, 4, 2, _HALF, (32, 64), False),
+    (32, 64, 4, 1, _HALF, (32, 64), True),
 )
 # With dropout dq reads the backward's packed mask (attention_bwd._bits_keep); the dropout tiles below were
 # re-chosen for it on 2026-12-02 where the previous ones spilled on sm_80 (ptxas held them to 80-128 registers).
@@ -131,6 +144,12 @@ _DQ_CONFIGS = (
     (16, 16, 4, 1, ("fp32",), (64,), False),
     (32, 32, 8, 1, ("fp32",), (64, 128), True),
     (16, 16, 8, 1, ("fp32",), (128,), False),
+    # Alternates: at head_dim 64, 64-row tiles on 4 warps (twice the programs, as for the forward); at 32, the
+    # other way round, head_dim 64's 128-row tile. With dropout, 64 x 32 on 4 warps. Spill-free in the gate; not
+    # yet timed.
+    (64, 64, 4, 2, _HALF, (64,), False),
+    (128, 64, 8, 3, _HALF, (32,), False),
+    (64, 32, 4, 2, _HALF, (32, 64), True),
 )
 _INTERPRETER_CONFIG = (32, 32, 4, 1)
 
@@ -147,17 +166,103 @@ def _applicable(table, dtype: str, block_d: int, dropout: bool) -> list[tuple[in
     ]
 
 
-@functools.cache
-def _meta(table, dtype: str, block_d: int, dropout: bool, interpreter: bool) -> dict:
-    """A kernel's launch meta-parameters: the table's entry for this dtype, head-dim block and dropout (exactly
-    one each, which the compile gate compiles), or the interpreter's small tile. Looked up directly rather than
-    through triton.autotune, whose per-launch bookkeeping doubled the host cost of these launches for what
-    is a table lookup (benchmarks/host_overhead.py)."""
-    if interpreter:
-        bm, bn, nw, ns = _INTERPRETER_CONFIG
-    else:
-        ((bm, bn, nw, ns),) = _applicable(table, dtype, block_d, dropout)
+def _as_meta(entry) -> dict:
+    bm, bn, nw, ns = entry
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": nw, "num_stages": ns}
+
+
+_INTERPRETER_META = _as_meta(_INTERPRETER_CONFIG)
+# Tunings are kept per bucket: the next power of two of the sequence length (max_seqlen for varlen) and of batch
+# x heads, capped where larger grids fill the GPU alike.
+_SEQ_BUCKET_MAX, _BH_BUCKET_MAX = 8192, 1024
+# An alternate replaces the default only when at least this much faster (a fraction of the default's time), so
+# that timing noise does not flip the choice from one run to the next.
+_TUNE_MARGIN = 0.97
+
+
+def _bucket(n: int, cap: int) -> int:
+    return min(next_power_of_2(n), cap)
+
+
+def _on_gpu(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _time(launch, meta: dict) -> float:
+    """Median milliseconds of launch(meta) (CUDA events; Triton flushes the L2 cache between repeats)."""
+    return triton.testing.do_bench(lambda: launch(meta), warmup=10, rep=40, return_mode="median")
+
+
+class _Tiles:
+    """The tile choice of one attention kernel: its table's default for the call's (dtype, head-dim block,
+    dropout), or, on a GPU, the fastest of the default and its alternates, timed on the first call of each
+    (sequence bucket, batch x heads bucket) and kept for the process. A dictionary lookup a launch, not
+    triton.autotune, whose per-launch bookkeeping doubled these launchers' host time (benchmarks/host_overhead.py).
+
+    Nothing is timed, and the default runs, off a GPU, while a CUDA graph is captured (a bucket not yet timed is
+    timed at its first call outside capture) and while tuning is pinned (common.autotune_pinned:
+    FASTBERT_AUTOTUNE=0 or torch.use_deterministic_algorithms(True); tiles sum in different orders, so a timed
+    choice can change a result's last bits from one process to the next). The interpreter runs its own small
+    tile."""
+
+    def __init__(self, table):
+        self.table = table
+        self.candidates: dict[tuple, tuple[dict, ...]] = {}
+        self.chosen: dict[tuple, dict] = {}
+
+    def pick(self, lay: _Layout, q: torch.Tensor, dropout: bool, seq: int, launch) -> dict:
+        """The meta-parameters for this call; launch(meta) runs the kernel with them (timed if a bucket is new)."""
+        if interpreting():
+            return _INTERPRETER_META
+        dtype = _dtype_name(q)
+        key = (dtype, lay.block_d, dropout)
+        metas = self.candidates.get(key)
+        if metas is None:
+            metas = self.candidates[key] = tuple(_as_meta(e) for e in _applicable(self.table, *key))
+        if len(metas) == 1 or not _on_gpu(q) or autotune_pinned():
+            return metas[0]
+        key += (_bucket(seq, _SEQ_BUCKET_MAX), _bucket(lay.batch * lay.heads, _BH_BUCKET_MAX), q.device.index)
+        meta = self.chosen.get(key)
+        if meta is None:
+            if _capturing():
+                return metas[0]
+            meta = self.chosen[key] = _fastest(metas, launch)
+        return meta
+
+
+def _fastest(metas: tuple[dict, ...], launch) -> dict:
+    """The default (metas[0]) unless an alternate runs in at most _TUNE_MARGIN of its time. An alternate that fails
+    to launch (a GPU with less shared memory than the gate's targets, say) is passed over; the default's own
+    failure propagates."""
+    best, best_ms = metas[0], _time(launch, metas[0]) * _TUNE_MARGIN
+    for meta in metas[1:]:
+        try:
+            ms = _time(launch, meta)
+        except Exception:  # noqa: BLE001 - whatever stops an alternate leaves the default
+            continue
+        if ms < best_ms:
+            best, best_ms = meta, ms
+    return best
+
+
+_FWD_TILES, _DKDV_TILES, _DQ_TILES = _Tiles(_FWD_CONFIGS), _Tiles(_DKDV_CONFIGS), _Tiles(_DQ_CONFIGS)
+
+
+def tuned_tiles() -> list[dict]:
+    """What this process's timing chose so far, one dict per kernel and bucket (for benchmark records): kernel,
+    dtype, block_d, dropout, seq_bucket, bh_bucket, the tile (BLOCK_M, BLOCK_N, num_warps, num_stages) and
+    whether it is the default."""
+    rows = []
+    for kernel, tiles in (("fwd", _FWD_TILES), ("dkdv", _DKDV_TILES), ("dq", _DQ_TILES)):
+        for (dtype, block_d, dropout, seq_bucket, bh_bucket, _), meta in tiles.chosen.items():
+            rows.append({"kernel": kernel, "dtype": dtype, "block_d": block_d, "dropout": dropout,
+                         "seq_bucket": seq_bucket, "bh_bucket": bh_bucket, **meta,
+                         "default": meta is tiles.candidates[dtype, block_d, dropout][0]})  # fmt: skip
+    return rows
 
 
 # Runtime flags and sizes stay runtime (not constexpr) so that one compilation serves masked, varlen and dropout
@@ -424,9 +529,6 @@ class _Layout:
         self.even_d = self.block_d == self.head_dim
         self.lse_shape = (self.heads * self.seq_q,) if self.varlen else (self.batch * self.heads * self.seq_q,)
 
-    def meta(self, table, q: torch.Tensor, dropout_p: float) -> dict:
-        return _meta(table, _dtype_name(q), self.block_d, dropout_p > 0.0, interpreting())
-
     def bwd_flags(self, dropout_p: float, bits: torch.Tensor) -> tuple:
         """dq's and dk/dv's (is_varlen, has_mask, dropout_scale, bits_ptr, bits_len); bh_offset follows."""
         return int(self.varlen), int(self.has_mask), 1.0 / (1.0 - dropout_p), bits, self.max_q
@@ -486,13 +588,17 @@ def attention_fwd(
     lse = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse
-    meta = lay.meta(_FWD_CONFIGS, q, dropout_p)
-    _attention_fwd_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
-        q, k, v, out, lse, lay.bias, lay.cu,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
-        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *lay.flags(dropout_p, seed, q.device),
-        BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
-    )  # fmt: skip
+    flags = lay.flags(dropout_p, seed, q.device)
+
+    def launch(meta):
+        _attention_fwd_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
+            q, k, v, out, lse, lay.bias, lay.cu,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
+            lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *flags,
+            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
+        )  # fmt: skip
+
+    launch(_FWD_TILES.pick(lay, q, dropout_p > 0.0, lay.max_q, launch))
     return out, lse
 
 
@@ -563,7 +669,10 @@ def table_cases(kind: str, fn, table, sig: str) -> list[GateCase]:
         budget = _register_budget(kind, dtype, block_d, drop)
         for even_d in _even_d_values(block_d):
             d_tag = f"d{block_d}" if even_d else f"d{block_d}masked"
-            for bm, bn, nw, ns in _applicable(table, dtype, block_d, drop):
+            for i, (bm, bn, nw, ns) in enumerate(_applicable(table, dtype, block_d, drop)):
+                # (the register budget holds the default to the occupancy it was chosen for; an alternate's shows
+                # in its time, which _Tiles measures)
+                held = budget if i == 0 else None
                 constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "HAS_DROPOUT": drop,
                               "EVEN_D": even_d} | _unit_strides(sig)  # fmt: skip
                 cases.append(GateCase(
@@ -571,9 +680,9 @@ def table_cases(kind: str, fn, table, sig: str) -> list[GateCase]:
                     _signature(sig, dtype), constexprs, nw, ns,
                     expect_wgmma_sm90=_expect_wgmma(kind, dtype, bm, bn),
                     divisible=_divisible(sig), vector_loads=dtype != "fp32",
-                    max_registers_sm90=budget,
+                    max_registers_sm90=held,
                     # two blocks an SM need the shared memory too
-                    max_shared_sm90=None if budget is None else SM90_SHARED_TWO_BLOCKS,
+                    max_shared_sm90=None if held is None else SM90_SHARED_TWO_BLOCKS,
                 ))  # fmt: skip
     return cases
 

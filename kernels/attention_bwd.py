@@ -23,7 +23,9 @@ import triton.language as tl
 
 from fastbert.kernels.attention import (
     _DKDV_CONFIGS,
+    _DKDV_TILES,
     _DQ_CONFIGS,
+    _DQ_TILES,
     _RUNTIME_ARGS,
     _STRIDES,
     LOG2E,
@@ -433,7 +435,6 @@ def attention_bwd(
     )  # fmt: skip
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     max_k = lay.max_q if lay.varlen else lay.seq_k
-    dkdv_meta, dq_meta = lay.meta(_DKDV_CONFIGS, q, dropout_p), lay.meta(_DQ_CONFIGS, q, dropout_p)
     n_bh, chunk, bits = lay.batch * lay.heads, lay.batch * lay.heads, placeholder(q.device, torch.uint8)
     if dropout_p > 0.0:
         # The forward's mask, drawn once and packed (1 bit a score) for dq and dk/dv to read: in chunks of (b, h)
@@ -445,25 +446,33 @@ def attention_bwd(
         chunk = max(1, min(n_bh, _DROPOUT_BITS_BUDGET // max(head_bytes, 1)))
         bits = empty((chunk, lay.max_q, cdiv(lay.seq_k, 32) * 4), device=q.device, dtype=torch.uint8)
         threshold, seed = dropout_threshold(dropout_p, DROPOUT_BITS.value), seed_arg(seed, q.device)
-    flags = lay.bwd_flags(dropout_p, bits)
-    for bh0 in range(0, n_bh, chunk):
-        n = min(chunk, n_bh - bh0)
-        if dropout_p > 0.0:
-            pack_dropout_mask(lay, bits, threshold, seed, bh0, n)
-        _attention_bwd_dkdv_kernel[(cdiv(max_k, dkdv_meta["BLOCK_N"]), n)](
+    flags, dropout = lay.bwd_flags(dropout_p, bits), dropout_p > 0.0
+
+    def dkdv_launch(meta, bh0, n):
+        _attention_bwd_dkdv_kernel[(cdiv(max_k, meta["BLOCK_N"]), n)](
             q, k, v, do, dk, dv, lse, delta, lay.bias, lay.cu,
             *common, *_strides(dk), *_strides(dv), lay.bias.stride(0),
             lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags, bh0,
-            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION,
-            **dkdv_meta,
+            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
         )  # fmt: skip
-        _attention_bwd_dq_kernel[(cdiv(lay.max_q, dq_meta["BLOCK_M"]), n)](
+
+    def dq_launch(meta, bh0, n):
+        _attention_bwd_dq_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), n)](
             q, k, v, do, dq, lse, delta, lay.bias, lay.cu,
             *common, *_strides(dq), lay.bias.stride(0),
             lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale, scale * LOG2E, *flags, bh0,
-            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION,
-            **dq_meta,
+            BLOCK_D=lay.block_d, HAS_DROPOUT=dropout, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
         )  # fmt: skip
+
+    for bh0 in range(0, n_bh, chunk):
+        n = min(chunk, n_bh - bh0)
+        if dropout:
+            pack_dropout_mask(lay, bits, threshold, seed, bh0, n)
+        if bh0 == 0:  # (a new bucket is timed on the first chunk, whose dropout mask is packed now)
+            dkdv_meta = _DKDV_TILES.pick(lay, q, dropout, max_k, lambda meta, n=n: dkdv_launch(meta, 0, n))
+            dq_meta = _DQ_TILES.pick(lay, q, dropout, lay.max_q, lambda meta, n=n: dq_launch(meta, 0, n))
+        dkdv_launch(dkdv_meta, bh0, n)
+        dq_launch(dq_meta, bh0, n)
     return dq, dk, dv
 
 

@@ -17,6 +17,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+AUTOTUNE_ENV = "FASTBERT_AUTOTUNE"
+
+
+def autotune_pinned() -> bool:
+    """True when the kernels that choose their config by timing (attention's tiles, linear_gelu's autotuners and
+    its Hopper kernel) must keep their default instead: under FASTBERT_AUTOTUNE=0, or while
+    torch.use_deterministic_algorithms(True) is on. Configs sum in different orders, so a choice made by timing
+    can change a result's last bits from one process to the next; pinned, a run repeats bit for bit."""
+    import torch
+
+    return os.environ.get(AUTOTUNE_ENV) == "0" or torch.are_deterministic_algorithms_enabled()
+
+
 @functools.cache
 def _poison() -> bool:
     return os.environ.get("FASTBERT_POISON") == "1"

@@ -48,6 +48,7 @@ from fastbert.kernels.common import (
     SM90_SHARED_TWO_BLOCKS,
     GateCase,
     aligned_base,
+    autotune_pinned,
     cdiv,
     empty,
     interpreting,
@@ -89,17 +90,23 @@ INTERPRETER_CONFIGS = (_config(32, 32, 32, 4, 1, group_m=2),)
 
 
 def _prune(configs, named_args, **kwargs):
-    """fp32 inputs tune over FP32_CONFIGS, half inputs over HALF_CONFIGS."""
+    """fp32 inputs tune over FP32_CONFIGS, half inputs over HALF_CONFIGS; the pinned key (M_BUCKET 0, see
+    m_bucket) keeps the first, the default."""
     if interpreting():
         return configs
     half = named_args["x_ptr"].dtype != torch.float32
     wanted = HALF_CONFIGS if half else FP32_CONFIGS
     keep = [c for c in configs if any(c.kwargs == w.kwargs and c.num_warps == w.num_warps for w in wanted)]
-    return keep or configs
+    keep = keep or configs
+    return keep[:1] if named_args["M_BUCKET"] == 0 else keep
 
 
 def m_bucket(m: int) -> int:
-    """The autotune key for the row count: the next power of two, capped, so varying batch sizes reuse tunings."""
+    """The autotune key for the row count: the next power of two, capped, so varying batch sizes reuse tunings.
+    0 while tuning is pinned (common.autotune_pinned): a key of its own, whose autotuners keep their default
+    config (the first; their prune functions), so that a shape tuned before is not reused either."""
+    if autotune_pinned():
+        return 0
     return min(next_power_of_2(max(m, 1)), _MAX_M_BUCKET)
 
 
@@ -229,7 +236,7 @@ def _linear_gelu_fwd_kernel(
     K,
     stride_x_row,
     stride_w_row,
-    M_BUCKET,  # autotune key only (see m_bucket)
+    M_BUCKET,  # autotune key only (see m_bucket; 0: pinned)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -380,12 +387,13 @@ def linear_gelu_fwd(
     else:
         bias = aligned_base(bias.contiguous())
     h_out = h if store_preact else y  # not written without STORE_PREACT
+    bucket = m_bucket(M)
 
     def portable():
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _linear_gelu_fwd_kernel[grid](
             x2d, weight, bias, y, h_out,
-            M, N, K, x2d.stride(0), weight.stride(0), m_bucket(M),
+            M, N, K, x2d.stride(0), weight.stride(0), bucket,
             APPROX=_APPROX[approximate], STORE_PREACT=store_preact, INPUT_PRECISION=_input_precision(x2d.dtype),
             enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
@@ -393,9 +401,9 @@ def linear_gelu_fwd(
     def hopper():
         from fastbert.kernels import linear_gelu_sm90
 
-        linear_gelu_sm90.linear_gelu_fwd_sm90(x2d, weight, bias, y, h_out, approximate, store_preact, m_bucket(M))
+        linear_gelu_sm90.linear_gelu_fwd_sm90(x2d, weight, bias, y, h_out, approximate, store_preact, bucket)
 
-    key = (m_bucket(M), N, K, x2d.dtype, approximate, store_preact, x2d.device)
+    key = (bucket, N, K, x2d.dtype, approximate, store_preact, x2d.device)
     (hopper if _use_sm90(x2d, key, hopper, portable) else portable)()
     return y, h
 
@@ -409,14 +417,15 @@ SM90_ENV = "FASTBERT_LINEAR_GELU_SM90"
 def _use_sm90(x2d: torch.Tensor, key: tuple, hopper, portable) -> bool:
     """Whether this call runs the Hopper TMA kernel. FASTBERT_LINEAR_GELU_SM90=1 / 0 forces it on (where it
     applies: 16-bit inputs on sm_90, or the interpreter) / off; unset, a Hopper GPU times both kernels on the
-    first call of each shape and keeps the faster. During CUDA-graph capture nothing can be timed: an untimed
-    shape runs the portable kernel (and is timed at its first call outside capture)."""
+    first call of each shape and keeps the faster (the portable kernel, untimed, while tuning is pinned). During
+    CUDA-graph capture nothing can be timed: an untimed shape runs the portable kernel (and is timed at its first
+    call outside capture)."""
     from fastbert.kernels import linear_gelu_sm90
 
     forced = os.environ.get(SM90_ENV)
     if forced in ("0", "1"):
         return forced == "1" and linear_gelu_sm90.supported(x2d)
-    if interpreting() or not linear_gelu_sm90.supported(x2d):
+    if interpreting() or not linear_gelu_sm90.supported(x2d) or key[0] == 0:  # (M_BUCKET 0: pinned, untimed)
         return False
     if key not in _SM90_CHOICE:
         if torch.cuda.is_current_stream_capturing():

@@ -63,9 +63,15 @@ CONFIGS = (
 INTERPRETER_CONFIGS = (_config(32, 32, 32, 4, 1),)
 
 
+def _prune(configs, named_args, **kwargs):
+    """The pinned key (M_BUCKET 0, linear_gelu.m_bucket) keeps the first config, the default."""
+    return configs[:1] if named_args["M_BUCKET"] == 0 else configs
+
+
 @triton.autotune(
     configs=list(INTERPRETER_CONFIGS if interpreting() else CONFIGS),
     key=["M_BUCKET", "N", "K", "STORE_PREACT"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=["M", "N", "K", "M_BUCKET"])
 def _linear_gelu_fwd_sm90_kernel(
@@ -77,7 +83,7 @@ def _linear_gelu_fwd_sm90_kernel(
     M,
     N,
     K,
-    M_BUCKET,  # autotune key only
+    M_BUCKET,  # autotune key only (linear_gelu.m_bucket; 0: pinned)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,

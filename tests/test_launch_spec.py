@@ -6,9 +6,9 @@ on at launch, and nothing noticed that the attention kernels loaded their tiles 
 
 Launches are captured instead of run (the arguments are what a GPU launch would get) and specialised with
 Triton's own launch-time rule, honouring each kernel's do_not_specialize. Attention launches are captured with
-the tiles a GPU would get (its launchers pick a small tile under the interpreter). Autotuned kernels
-(linear_gelu) are matched without their autotuned meta-parameters (the interpreter runs one config of its own;
-the gate compiles every GPU one).
+the tiles a GPU would get (its launchers pick a small tile under the interpreter), the alternates they time
+included. Autotuned kernels (linear_gelu) are matched without their autotuned meta-parameters (the interpreter
+runs one config of its own; the gate compiles every GPU one).
 """
 
 from __future__ import annotations
@@ -200,6 +200,36 @@ def test_attention_odd_layouts_are_gated():
     assert_covered(launches)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_attention_alternate_tiles_are_gated(monkeypatch, dtype, head_dim):
+    """On a GPU the launchers time each kernel's alternate tiles against its default (kernels.attention._Tiles):
+    those launches, and the alternates then chosen, are gated too."""
+    from fastbert.kernels import attention as at
+
+    timed = []  # the launch closures timed so far (kept alive: no two share an id)
+
+    def alternates_faster(launch, meta):  # runs (here: records) the launch; the default is timed first
+        launch(meta)
+        first = not any(launch is seen for seen in timed)
+        timed.append(launch)
+        return 1.0 if first else 0.5
+
+    monkeypatch.setattr(at, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(at, "_capturing", lambda: False)
+    monkeypatch.setattr(at, "_time", alternates_faster)
+    for tiles in (at._FWD_TILES, at._DKDV_TILES, at._DQ_TILES):
+        monkeypatch.setattr(tiles, "chosen", {})
+    with captured_launches() as launches:
+        _attention_calls(dtype, head_dim, 0.0, None)
+        _attention_calls(dtype, head_dim, 0.1, "bool")
+    assert len(timed) == 12  # 3 kernels x 2 calls, a default and an alternate each
+    tiles = {(launch.name, *(launch.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "HAS_DROPOUT")))
+             for launch in launches if "BLOCK_N" in launch.constexprs}  # fmt: skip
+    assert len(tiles) == 12, tiles  # every default and every alternate launched
+    assert_covered(launches)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_attention_varlen_launches_are_gated(dropout_p):
     hidden = _rand(3, 50, 2 * 64)
@@ -298,9 +328,10 @@ def test_linear_gelu_odd_layouts_are_gated():
 
 
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
-def test_attention_tables_give_one_config_per_call(kind):
-    """The attention launchers look their tiles up (kernels.attention._meta): every dtype x head-dim block x
-    dropout must match exactly one entry of each table, the one the compile gate compiles for it."""
+def test_attention_tables_give_every_call_a_default(kind):
+    """The attention launchers choose their tiles from a table (kernels.attention._Tiles): every dtype x head-dim
+    block x dropout must match at least one entry (the first is its default, the others alternates that a GPU
+    times against it), with no entry twice; fp32 has no alternates (its IEEE dots are not what BERT runs)."""
     from fastbert.kernels import attention as at
 
     table = {"fwd": at._FWD_CONFIGS, "dkdv": at._DKDV_CONFIGS, "dq": at._DQ_CONFIGS}[kind]
@@ -308,7 +339,8 @@ def test_attention_tables_give_one_config_per_call(kind):
         for block_d in (32, 64, 128):
             for dropout in (False, True):
                 configs = at._applicable(table, dtype, block_d, dropout)
-                assert len(configs) == 1, (dtype, block_d, dropout, configs)
+                assert configs and len(set(configs)) == len(configs), (dtype, block_d, dropout, configs)
+                assert dtype != "fp32" or len(configs) == 1, (dtype, block_d, dropout, configs)
 
 
 # --------------------------------------------------------------------------------------------- linear_cross_entropy

@@ -475,3 +475,33 @@ def test_hopper_kernel_choice_is_timed_once_per_shape(monkeypatch):
     assert "c" not in lg._SM90_CHOICE and len(timed) == 4  # ... and no decision recorded
     monkeypatch.setenv(lg.SM90_ENV, "0")
     assert lg._use_sm90(x, "a", lambda: 1.0, lambda: 2.0) is False
+
+
+@pytest.mark.parametrize("how", ["env", "deterministic"])
+def test_pinned_tuning_keeps_the_default_configs(monkeypatch, how):
+    """FASTBERT_AUTOTUNE=0 or torch.use_deterministic_algorithms(True): the row key is 0, a key of its own, for
+    which both autotuners keep their first config and the Hopper choice is the portable kernel, untimed."""
+    from fastbert.kernels import linear_gelu as lg
+    from fastbert.kernels import linear_gelu_sm90
+
+    assert lg.m_bucket(300) == 512
+    monkeypatch.setattr(lg, "interpreting", lambda: False)
+    monkeypatch.setattr(linear_gelu_sm90, "supported", lambda x: True)
+    monkeypatch.setattr(lg.triton.testing, "do_bench", lambda fn, **kw: pytest.fail("timed while pinned"))
+    monkeypatch.delenv(lg.SM90_ENV, raising=False)
+    x = torch.zeros(4, 8, dtype=torch.float16)
+    configs = list(lg.HALF_CONFIGS + lg.FP32_CONFIGS)
+    with monkeypatch.context() as m:
+        if how == "env":
+            m.setenv("FASTBERT_AUTOTUNE", "0")
+        else:
+            m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        bucket = lg.m_bucket(300)
+        assert bucket == 0
+        assert lg._prune(configs, {"x_ptr": x, "M_BUCKET": bucket}) == [lg.HALF_CONFIGS[0]]
+        assert linear_gelu_sm90._prune(list(linear_gelu_sm90.CONFIGS), {"M_BUCKET": bucket}) == [
+            linear_gelu_sm90.CONFIGS[0]
+        ]
+        assert lg._use_sm90(x, (bucket, 8, 8), lambda: 1.0, lambda: 2.0) is False
+    assert lg._prune(configs, {"x_ptr": x, "M_BUCKET": 512}) == list(lg.HALF_CONFIGS)
+    assert len(linear_gelu_sm90._prune(list(linear_gelu_sm90.CONFIGS), {"M_BUCKET": 512})) > 1

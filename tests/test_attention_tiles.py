@@ -1,0 +1,180 @@
+"""Attention's tile choice (fastbert.kernels.attention._Tiles): on a GPU, the default tile and its alternates are
+timed on the first call of each (sequence bucket, batch x heads bucket) and the fastest kept. The timer is
+replaced here (on a GPU too, so that nothing depends on which tile wins): the choice's rules are checked with fake
+times, and each kernel's alternate runs against the float64 reference (in the interpreter without CUDA, with the
+GPU's alternate tiles)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_attention import check_against_reference, make_inputs, random_mask
+
+from conftest import DEVICE, HAS_CUDA
+from fastbert.kernels import attention as at
+
+TILES = (at._FWD_TILES, at._DKDV_TILES, at._DQ_TILES)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """GPU tiles and tuning on CPU tensors; the timer returns times[(BLOCK_M, BLOCK_N, num_warps)] (default 1.0)
+    and records what it timed. Every kernel's tunings start empty."""
+    timed, times = [], {}
+
+    def fake_time(launch, meta):
+        timed.append(meta)
+        tile = (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"])
+        if isinstance(times.get(tile), Exception):
+            raise times[tile]
+        return times.get(tile, 1.0)
+
+    monkeypatch.setattr(at, "interpreting", lambda: False)
+    monkeypatch.setattr(at, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(at, "_capturing", lambda: False)
+    monkeypatch.setattr(at, "_time", fake_time)
+    monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
+    for tiles in TILES:
+        monkeypatch.setattr(tiles, "chosen", {})
+    return types.SimpleNamespace(timed=timed, times=times)
+
+
+def _lay(batch=2, heads=12, block_d=64):
+    return types.SimpleNamespace(batch=batch, heads=heads, block_d=block_d)
+
+
+_Q16 = torch.empty(1, dtype=torch.float16)
+# fp16 head_dim 64 forward without dropout: the default and its alternate
+DEFAULT, ALTERNATE = (at._as_meta(e) for e in at._applicable(at._FWD_CONFIGS, "fp16", 64, False))
+
+
+def _pick(seq=128, lay=None, q=_Q16, dropout=False):
+    return at._FWD_TILES.pick(lay or _lay(), q, dropout, seq, launch=None)
+
+
+def test_an_alternate_must_beat_the_default_by_the_margin(fake_gpu):
+    fake_gpu.times[(64, 64, 4)] = 0.98  # 2% faster: noise, the default stays
+    assert _pick(seq=128) == DEFAULT
+    fake_gpu.times[(64, 64, 4)] = 0.9
+    assert _pick(seq=256) == ALTERNATE
+    assert fake_gpu.timed == [DEFAULT, ALTERNATE] * 2
+
+
+def test_a_choice_is_kept_per_sequence_and_batch_heads_bucket(fake_gpu):
+    fake_gpu.times[(64, 64, 4)] = 0.5
+    for seq in (300, 257, 512):  # one bucket
+        assert _pick(seq=seq) == ALTERNATE
+    assert len(fake_gpu.timed) == 2
+    _pick(seq=513)  # the next bucket
+    _pick(seq=512, lay=_lay(batch=3))  # 36 heads in all: the next batch x heads bucket
+    _pick(seq=512, lay=_lay(block_d=32))  # another head-dim block
+    _pick(seq=512, dropout=True)  # dropout has its own tiles
+    assert len(fake_gpu.timed) == 10
+    _pick(seq=20000)  # past the largest bucket: as long as the largest, timed once
+    _pick(seq=9000)
+    assert len(fake_gpu.timed) == 12
+
+
+def test_tuned_tiles_lists_each_kernels_choices(fake_gpu):
+    fake_gpu.times[(64, 64, 4)] = 0.5
+    _pick(seq=128)
+    _pick(seq=512, lay=_lay(batch=32))
+    fake_gpu.times[(64, 64, 4)] = 2.0
+    _pick(seq=1000, lay=_lay(batch=32))
+    rows = at.tuned_tiles()
+    common = {"kernel": "fwd", "dtype": "fp16", "block_d": 64, "dropout": False}
+    assert rows == [
+        common | {"seq_bucket": 128, "bh_bucket": 32} | ALTERNATE | {"default": False},
+        common | {"seq_bucket": 512, "bh_bucket": 512} | ALTERNATE | {"default": False},
+        common | {"seq_bucket": 1024, "bh_bucket": 512} | DEFAULT | {"default": True},
+    ]
+
+
+def test_an_alternate_that_fails_is_passed_over(fake_gpu):
+    fake_gpu.times[(64, 64, 4)] = RuntimeError("out of resources: shared memory")
+    assert _pick() == DEFAULT
+
+
+def test_the_defaults_failure_propagates(fake_gpu):
+    fake_gpu.times[(128, 64, 8)] = RuntimeError("illegal instruction")
+    with pytest.raises(RuntimeError, match="illegal instruction"):
+        _pick()
+
+
+@pytest.mark.parametrize("how", ["env", "deterministic"])
+def test_pinned_runs_the_default_untimed(fake_gpu, monkeypatch, how):
+    fake_gpu.times[(64, 64, 4)] = 0.5
+    if how == "env":
+        with monkeypatch.context() as m:
+            m.setenv("FASTBERT_AUTOTUNE", "0")
+            assert _pick() == DEFAULT
+    else:
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert _pick() == DEFAULT
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert fake_gpu.timed == []
+    assert _pick() == ALTERNATE  # the bucket was not spent: timed at its first call with tuning on
+
+
+def test_capture_runs_the_default_and_times_the_bucket_later(fake_gpu, monkeypatch):
+    fake_gpu.times[(64, 64, 4)] = 0.5
+    monkeypatch.setattr(at, "_capturing", lambda: True)
+    assert _pick() == DEFAULT
+    assert fake_gpu.timed == []
+    monkeypatch.setattr(at, "_capturing", lambda: False)
+    assert _pick() == ALTERNATE
+    monkeypatch.setattr(at, "_capturing", lambda: True)  # a tuned bucket keeps its tile in a graph
+    assert _pick() == ALTERNATE
+
+
+def test_no_alternates_no_timing(fake_gpu):
+    assert _pick(q=torch.empty(1)) == at._as_meta(at._applicable(at._FWD_CONFIGS, "fp32", 64, False)[0])
+    assert fake_gpu.timed == []
+
+
+def test_off_the_gpu_and_in_the_interpreter_nothing_is_timed(fake_gpu, monkeypatch):
+    monkeypatch.setattr(at, "_on_gpu", lambda q: False)
+    assert _pick() == DEFAULT
+    monkeypatch.setattr(at, "interpreting", lambda: True)
+    assert _pick() == at._INTERPRETER_META
+    assert fake_gpu.timed == []
+
+
+# bf16 on a GPU only: the interpreter holds bf16 as raw bits
+DTYPES = [torch.float16, *([torch.bfloat16] if HAS_CUDA else [])]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize(
+    "b, h, s, d, masked, dropout_p",
+    [(2, 2, 70, 64, False, 0.0), (2, 2, 70, 64, True, 0.0), (2, 1, 70, 32, True, 0.0), (1, 2, 70, 64, True, 0.2)],
+    ids=["d64", "d64-mask", "d32-mask", "d64-mask-dropout"],
+)
+def test_alternate_tiles_match_the_reference(fake_gpu, monkeypatch, b, h, s, d, masked, dropout_p, dtype):
+    """Each kernel launched with its alternate tile (timed as faster), in the interpreter: the launch closures
+    give the chosen tile its own grid (query blocks for the forward and dq, key blocks for dk/dv)."""
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
+    from fastbert.ops._common import draw_seed
+
+    timed = []  # the launch closures timed so far (kept alive: no two share an id)
+
+    def alternates_faster(launch, meta):  # _fastest times the default first
+        first = not any(launch is seen for seen in timed)
+        timed.append(launch)
+        return 1.0 if first else 0.5
+
+    monkeypatch.setattr(at, "_time", alternates_faster)
+    keep = None
+    if dropout_p:
+        torch.manual_seed(99)
+        keep = dropout_keep_mask(int(draw_seed(DEVICE).item()), b, h, s, s, dropout_p, DEVICE)
+    mask = random_mask(b, s, seed=3) if masked else None
+    check_against_reference(*make_inputs(b, h, s, d, dtype), mask=mask, dropout_p=dropout_p, keep=keep,
+                            seed=99 if dropout_p else None)  # fmt: skip
+    for name, tiles in zip(("fwd", "dkdv", "dq"), TILES, strict=True):
+        entries = at._applicable(tiles.table, at._dtype_name(torch.empty(0, dtype=dtype)), d, dropout_p > 0)
+        assert list(tiles.chosen.values()) == [at._as_meta(entries[1])], name
