@@ -47,10 +47,12 @@ otherwise cost registers when unused).
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from fastbert.kernels.attention_dropout import DROPOUT_BITS, _dropout_keep
 from fastbert.kernels.common import (
@@ -175,8 +177,8 @@ _INTERPRETER_META = _as_meta(_INTERPRETER_CONFIG)
 # Tunings are kept per bucket: the next power of two of the sequence length (max_seqlen for varlen) and of batch
 # x heads, capped where larger grids fill the GPU alike.
 _SEQ_BUCKET_MAX, _BH_BUCKET_MAX = 8192, 1024
-# An alternate replaces the default only when at least this much faster (a fraction of the default's time), so
-# that timing noise does not flip the choice from one run to the next.
+# An alternate replaces the default only when it takes at most this fraction of the default's time (at least 3%
+# faster), so that timing noise does not flip the choice from one run to the next.
 _TUNE_MARGIN = 0.97
 
 
@@ -203,11 +205,11 @@ class _Tiles:
     (sequence bucket, batch x heads bucket) and kept for the process. A dictionary lookup a launch, not
     triton.autotune, whose per-launch bookkeeping doubled these launchers' host time (benchmarks/host_overhead.py).
 
-    Nothing is timed, and the default runs, off a GPU, while a CUDA graph is captured (a bucket not yet timed is
-    timed at its first call outside capture) and while tuning is pinned (common.autotune_pinned:
+    Nothing is timed, and the default runs, off a GPU and while tuning is pinned (common.autotune_pinned:
     FASTBERT_AUTOTUNE=0 or torch.use_deterministic_algorithms(True); tiles sum in different orders, so a timed
-    choice can change a result's last bits from one process to the next). The interpreter runs its own small
-    tile."""
+    choice can change a result's last bits from one process to the next). Nothing is timed during CUDA-graph
+    capture either: a bucket already timed keeps its tile, one not yet timed runs the default and is timed at its
+    first call outside capture. The interpreter runs its own small tile."""
 
     def __init__(self, table):
         self.table = table
@@ -228,24 +230,31 @@ class _Tiles:
         key += (_bucket(seq, _SEQ_BUCKET_MAX), _bucket(lay.batch * lay.heads, _BH_BUCKET_MAX), q.device.index)
         meta = self.chosen.get(key)
         if meta is None:
-            if _capturing():
+            meta = None if _capturing() else _fastest(metas, launch)
+            if meta is None:  # (capturing, or out of memory for the timing: the default, timed at a later call)
                 return metas[0]
-            meta = self.chosen[key] = _fastest(metas, launch)
+            self.chosen[key] = meta
         return meta
 
 
-def _fastest(metas: tuple[dict, ...], launch) -> dict:
-    """The default (metas[0]) unless an alternate runs in at most _TUNE_MARGIN of its time. An alternate that fails
-    to launch (a GPU with less shared memory than the gate's targets, say) is passed over; the default's own
-    failure propagates."""
-    best, best_ms = metas[0], _time(launch, metas[0]) * _TUNE_MARGIN
-    for meta in metas[1:]:
-        try:
-            ms = _time(launch, meta)
-        except Exception:  # noqa: BLE001 - whatever stops an alternate leaves the default
-            continue
-        if ms < best_ms:
-            best, best_ms = meta, ms
+def _fastest(metas: tuple[dict, ...], launch) -> dict | None:
+    """The default (metas[0]) unless an alternate runs in at most _TUNE_MARGIN of its time; None (run the default,
+    time the bucket later) when the timing itself runs out of memory (do_bench allocates a 256 MB buffer to flush
+    the L2 cache, which a call near the memory's limit may not have to spare). An alternate that needs more than
+    the GPU has (OutOfResources: shared memory, on a GPU with less than the gate's targets) is passed over, with
+    a warning; any other failure propagates, the default's as an alternate's."""
+    try:
+        best, best_ms = metas[0], _time(launch, metas[0]) * _TUNE_MARGIN
+        for meta in metas[1:]:
+            try:
+                ms = _time(launch, meta)
+            except OutOfResources as e:
+                warnings.warn(f"attention: tile {meta} does not fit this GPU ({e}); it is not timed", stacklevel=2)
+                continue
+            if ms <= best_ms:
+                best, best_ms = meta, ms
+    except torch.cuda.OutOfMemoryError:
+        return None
     return best
 
 
@@ -254,13 +263,13 @@ _FWD_TILES, _DKDV_TILES, _DQ_TILES = _Tiles(_FWD_CONFIGS), _Tiles(_DKDV_CONFIGS)
 
 def tuned_tiles() -> list[dict]:
     """What this process's timing chose so far, one dict per kernel and bucket (for benchmark records): kernel,
-    dtype, block_d, dropout, seq_bucket, bh_bucket, the tile (BLOCK_M, BLOCK_N, num_warps, num_stages) and
-    whether it is the default."""
+    dtype, block_d, dropout, seq_bucket, bh_bucket, device (its CUDA index), the tile (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) and whether it is the default."""
     rows = []
     for kernel, tiles in (("fwd", _FWD_TILES), ("dkdv", _DKDV_TILES), ("dq", _DQ_TILES)):
-        for (dtype, block_d, dropout, seq_bucket, bh_bucket, _), meta in tiles.chosen.items():
+        for (dtype, block_d, dropout, seq_bucket, bh_bucket, device), meta in tiles.chosen.items():
             rows.append({"kernel": kernel, "dtype": dtype, "block_d": block_d, "dropout": dropout,
-                         "seq_bucket": seq_bucket, "bh_bucket": bh_bucket, **meta,
+                         "seq_bucket": seq_bucket, "bh_bucket": bh_bucket, "device": device, **meta,
                          "default": meta is tiles.candidates[dtype, block_d, dropout][0]})  # fmt: skip
     return rows
 

@@ -3,7 +3,7 @@ interpreter (fp32, fp16), BERT shapes on GPU (fp16, bf16), dropout with the kern
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import DEVICE, HAS_CUDA, graph_replays
@@ -278,10 +278,11 @@ def test_bert_shapes_dropout_gpu(dtype):
     check_against_reference(*make_inputs((16384, 768), dtype), dropout_p=0.1, keep=keep, seed=5)
 
 
-# derandomize: the same examples on every run. Drawn at random, rows of two elements with dropout (exact gradients
-# 0, float32 leaves cancellation) failed a clean-clone .ci/run once (2026-12-04): the rule's float32 fallback keys
-# on eager missing the tight tolerance too, and eager's six such rows happened to round well (dx: kernel 1.2e-5,
-# eager 2.4e-7). Over many such rows the kernel is the more accurate: test_two_element_rows_cancel_no_worse_than_eager.
+# Drawn at random, rows of two elements with dropout (exact gradients 0, float32 leaves cancellation) failed a
+# clean-clone .ci/run once (2026-12-04): the rule's float32 fallback keys on eager missing the tight tolerance too,
+# and eager's six such rows happened to round well (dx: kernel 1.2e-5, eager 2.4e-7). Over many such rows the
+# kernel is the more accurate (test_two_element_rows_cancel_no_worse_than_eager), so this test leaves them out, and
+# draws the same examples on every run (derandomize): a failure here repeats.
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     rows=st.integers(1, 9),
@@ -293,6 +294,8 @@ def test_property_any_shape(rows, hidden, lead, dropout):
     """Random shapes (hidden sizes that are no power of two, down to 1), with and without dropout."""
     from fastbert.kernels.add_layer_norm import dropout_keep_mask
 
+    assume(hidden != 2)  # (a handful of two-element rows is the rule's lottery; the population test covers them)
+
     shape = (*lead, rows, hidden)
     keep = None
     if dropout:
@@ -302,7 +305,7 @@ def test_property_any_shape(rows, hidden, lead, dropout):
     check_against_reference(*make_inputs(shape, torch.float32), dropout_p=dropout, keep=keep, seed=11)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["no-dropout", "dropout"])
 def test_two_element_rows_cancel_no_worse_than_eager(dropout):
     """LayerNorm over two elements: dx and dresidual are exactly 0, and float32 leaves only cancellation, as large
     as rstd · |dy · w| · eps whatever computes it. A few rows make the project's rule a lottery (which one rounds

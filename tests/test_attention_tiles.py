@@ -11,6 +11,7 @@ import types
 import pytest
 import torch
 from test_attention import check_against_reference, make_inputs, random_mask
+from triton.runtime.errors import OutOfResources
 
 from conftest import DEVICE, HAS_CUDA
 from fastbert.kernels import attention as at
@@ -85,22 +86,33 @@ def test_tuned_tiles_lists_each_kernels_choices(fake_gpu):
     _pick(seq=1000, lay=_lay(batch=32))
     rows = at.tuned_tiles()
     common = {"kernel": "fwd", "dtype": "fp16", "block_d": 64, "dropout": False}
+    common_tail = {"device": None}  # (a CPU tensor here; a GPU's index on one)
     assert rows == [
-        common | {"seq_bucket": 128, "bh_bucket": 32} | ALTERNATE | {"default": False},
-        common | {"seq_bucket": 512, "bh_bucket": 512} | ALTERNATE | {"default": False},
-        common | {"seq_bucket": 1024, "bh_bucket": 512} | DEFAULT | {"default": True},
+        common | {"seq_bucket": 128, "bh_bucket": 32} | common_tail | ALTERNATE | {"default": False},
+        common | {"seq_bucket": 512, "bh_bucket": 512} | common_tail | ALTERNATE | {"default": False},
+        common | {"seq_bucket": 1024, "bh_bucket": 512} | common_tail | DEFAULT | {"default": True},
     ]
 
 
-def test_an_alternate_that_fails_is_passed_over(fake_gpu):
-    fake_gpu.times[(64, 64, 4)] = RuntimeError("out of resources: shared memory")
-    assert _pick() == DEFAULT
+def test_an_alternate_that_does_not_fit_is_passed_over_with_a_warning(fake_gpu):
+    fake_gpu.times[(64, 64, 4)] = OutOfResources(300000, 232448, "shared memory")
+    with pytest.warns(UserWarning, match="does not fit this GPU"):
+        assert _pick() == DEFAULT
 
 
-def test_the_defaults_failure_propagates(fake_gpu):
-    fake_gpu.times[(128, 64, 8)] = RuntimeError("illegal instruction")
+@pytest.mark.parametrize("tile", [(128, 64, 8), (64, 64, 4)], ids=["default", "alternate"])
+def test_any_other_failure_propagates(fake_gpu, tile):
+    fake_gpu.times[tile] = RuntimeError("illegal instruction")
     with pytest.raises(RuntimeError, match="illegal instruction"):
         _pick()
+
+
+def test_no_memory_for_the_timing_runs_the_default_and_times_later(fake_gpu):
+    fake_gpu.times[(128, 64, 8)] = torch.cuda.OutOfMemoryError("256 MB for the L2 flush")
+    assert _pick() == DEFAULT
+    assert at._FWD_TILES.chosen == {}
+    fake_gpu.times[(128, 64, 8)], fake_gpu.times[(64, 64, 4)] = 1.0, 0.5
+    assert _pick() == ALTERNATE
 
 
 @pytest.mark.parametrize("how", ["env", "deterministic"])
@@ -111,11 +123,12 @@ def test_pinned_runs_the_default_untimed(fake_gpu, monkeypatch, how):
             m.setenv("FASTBERT_AUTOTUNE", "0")
             assert _pick() == DEFAULT
     else:
+        was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         torch.use_deterministic_algorithms(True)
         try:
             assert _pick() == DEFAULT
         finally:
-            torch.use_deterministic_algorithms(False)
+            torch.use_deterministic_algorithms(was[0], warn_only=was[1])
     assert fake_gpu.timed == []
     assert _pick() == ALTERNATE  # the bucket was not spent: timed at its first call with tuning on
 
@@ -155,19 +168,29 @@ DTYPES = [torch.float16, *([torch.bfloat16] if HAS_CUDA else [])]
     ids=["d64", "d64-mask", "d32-mask", "d64-mask-dropout"],
 )
 def test_alternate_tiles_match_the_reference(fake_gpu, monkeypatch, b, h, s, d, masked, dropout_p, dtype):
-    """Each kernel launched with its alternate tile (timed as faster), in the interpreter: the launch closures
-    give the chosen tile its own grid (query blocks for the forward and dq, key blocks for dk/dv)."""
-    from fastbert.kernels.attention_dropout import dropout_keep_mask
-    from fastbert.ops._common import draw_seed
+    """Each kernel launched with its alternate tile (timed as faster; in the interpreter without CUDA): the launch
+    closures give the chosen tile its own grid (query blocks for the forward and dq, key blocks for dk/dv)."""
+    monkeypatch.setattr(at, "_time", _alternates_faster())
+    _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen=1)
 
+
+def _alternates_faster():
+    """A timer under which every alternate is faster than its default (_fastest times the default first)."""
     timed = []  # the launch closures timed so far (kept alive: no two share an id)
 
-    def alternates_faster(launch, meta):  # _fastest times the default first
+    def fake_time(launch, meta):
         first = not any(launch is seen for seen in timed)
         timed.append(launch)
         return 1.0 if first else 0.5
 
-    monkeypatch.setattr(at, "_time", alternates_faster)
+    return fake_time
+
+
+def _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen):
+    """fwd + bwd against the float64 reference; every kernel must have run its entry `chosen` (0: the default)."""
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
+    from fastbert.ops._common import draw_seed
+
     keep = None
     if dropout_p:
         torch.manual_seed(99)
@@ -177,4 +200,33 @@ def test_alternate_tiles_match_the_reference(fake_gpu, monkeypatch, b, h, s, d, 
                             seed=99 if dropout_p else None)  # fmt: skip
     for name, tiles in zip(("fwd", "dkdv", "dq"), TILES, strict=True):
         entries = at._applicable(tiles.table, at._dtype_name(torch.empty(0, dtype=dtype)), d, dropout_p > 0)
-        assert list(tiles.chosen.values()) == [at._as_meta(entries[1])], name
+        assert list(tiles.chosen.values()) == [at._as_meta(entries[chosen])], name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seq", [128, 512])
+@pytest.mark.parametrize("chosen", [0, 1], ids=["default", "alternate"])
+def test_bert_shapes_with_each_tile_gpu(fake_gpu, monkeypatch, chosen, seq, dtype):
+    """BERT-base's heads (32 x 12 x 64), masked, with each kernel's default and then its alternate: which one the
+    real timer picks depends on the GPU and on what else runs on it, so each is forced here."""
+    monkeypatch.setattr(at, "_time", _alternates_faster() if chosen else (lambda launch, meta: 1.0))
+    _check_tiles(32, 12, seq, 64, True, 0.0, dtype, chosen=chosen)
+
+
+@pytest.mark.gpu
+def test_the_real_timer_chooses_and_records_gpu(monkeypatch):
+    """The path the fakes stand in for: do_bench times both tiles of each kernel once per bucket."""
+    monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
+    for tiles in TILES:
+        monkeypatch.setattr(tiles, "chosen", {})
+    timed = []
+    real = at._time
+    monkeypatch.setattr(at, "_time", lambda launch, meta: (timed.append(meta), real(launch, meta))[1])
+    check_against_reference(*make_inputs(1, 12, 128, 64, torch.float16), mask=random_mask(1, 128, seed=1))
+    assert len(timed) == 6  # default and alternate of each kernel
+    rows = at.tuned_tiles()
+    assert [r["kernel"] for r in rows] == ["fwd", "dkdv", "dq"]
+    assert all(r["seq_bucket"] == 128 and r["bh_bucket"] == 16 and r["device"] == DEVICE.index for r in rows)
+    check_against_reference(*make_inputs(1, 12, 100, 64, torch.float16))  # the same bucket: not timed again
+    assert len(timed) == 6

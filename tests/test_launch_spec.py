@@ -215,6 +215,7 @@ def test_attention_alternate_tiles_are_gated(monkeypatch, dtype, head_dim):
         timed.append(launch)
         return 1.0 if first else 0.5
 
+    monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
     monkeypatch.setattr(at, "_on_gpu", lambda q: True)
     monkeypatch.setattr(at, "_capturing", lambda: False)
     monkeypatch.setattr(at, "_time", alternates_faster)

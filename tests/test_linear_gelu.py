@@ -484,6 +484,7 @@ def test_pinned_tuning_keeps_the_default_configs(monkeypatch, how):
     from fastbert.kernels import linear_gelu as lg
     from fastbert.kernels import linear_gelu_sm90
 
+    monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
     assert lg.m_bucket(300) == 512
     monkeypatch.setattr(lg, "interpreting", lambda: False)
     monkeypatch.setattr(linear_gelu_sm90, "supported", lambda x: True)
