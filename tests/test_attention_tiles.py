@@ -86,11 +86,11 @@ def test_tuned_tiles_lists_each_kernels_choices(fake_gpu):
     _pick(seq=1000, lay=_lay(batch=32))
     rows = at.tuned_tiles()
     common = {"kernel": "fwd", "dtype": "fp16", "block_d": 64, "dropout": False}
-    common_tail = {"device": None}  # (a CPU tensor here; a GPU's index on one)
+    device = {"device": None}  # (a CPU tensor here; a GPU's index on one)
     assert rows == [
-        common | {"seq_bucket": 128, "bh_bucket": 32} | common_tail | ALTERNATE | {"default": False},
-        common | {"seq_bucket": 512, "bh_bucket": 512} | common_tail | ALTERNATE | {"default": False},
-        common | {"seq_bucket": 1024, "bh_bucket": 512} | common_tail | DEFAULT | {"default": True},
+        common | {"seq_bucket": 128, "bh_bucket": 32} | device | ALTERNATE | {"default": False},
+        common | {"seq_bucket": 512, "bh_bucket": 512} | device | ALTERNATE | {"default": False},
+        common | {"seq_bucket": 1024, "bh_bucket": 512} | device | DEFAULT | {"default": True},
     ]
 
 
@@ -170,19 +170,24 @@ DTYPES = [torch.float16, *([torch.bfloat16] if HAS_CUDA else [])]
 def test_alternate_tiles_match_the_reference(fake_gpu, monkeypatch, b, h, s, d, masked, dropout_p, dtype):
     """Each kernel launched with its alternate tile (timed as faster; in the interpreter without CUDA): the launch
     closures give the chosen tile its own grid (query blocks for the forward and dq, key blocks for dk/dv)."""
-    monkeypatch.setattr(at, "_time", _alternates_faster())
+    monkeypatch.setattr(at, "_time", alternates_faster())
     _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen=1)
 
 
-def _alternates_faster():
-    """A timer under which every alternate is faster than its default (_fastest times the default first)."""
-    timed = []  # the launch closures timed so far (kept alive: no two share an id)
+def alternates_faster(run: bool = False):
+    """A timer under which every alternate is faster than its default (_fastest times the default first); with
+    run, it also calls launch(meta), as the real timer does. Its .timed lists the launch closures timed (kept
+    alive: no two share an id)."""
+    timed = []
 
     def fake_time(launch, meta):
+        if run:
+            launch(meta)
         first = not any(launch is seen for seen in timed)
         timed.append(launch)
         return 1.0 if first else 0.5
 
+    fake_time.timed = timed
     return fake_time
 
 
@@ -210,7 +215,7 @@ def _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen):
 def test_bert_shapes_with_each_tile_gpu(fake_gpu, monkeypatch, chosen, seq, dtype):
     """BERT-base's heads (32 x 12 x 64), masked, with each kernel's default and then its alternate: which one the
     real timer picks depends on the GPU and on what else runs on it, so each is forced here."""
-    monkeypatch.setattr(at, "_time", _alternates_faster() if chosen else (lambda launch, meta: 1.0))
+    monkeypatch.setattr(at, "_time", alternates_faster() if chosen else (lambda launch, meta: 1.0))
     _check_tiles(32, 12, seq, 64, True, 0.0, dtype, chosen=chosen)
 
 

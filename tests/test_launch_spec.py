@@ -205,26 +205,21 @@ def test_attention_odd_layouts_are_gated():
 def test_attention_alternate_tiles_are_gated(monkeypatch, dtype, head_dim):
     """On a GPU the launchers time each kernel's alternate tiles against its default (kernels.attention._Tiles):
     those launches, and the alternates then chosen, are gated too."""
+    from test_attention_tiles import alternates_faster
+
     from fastbert.kernels import attention as at
 
-    timed = []  # the launch closures timed so far (kept alive: no two share an id)
-
-    def alternates_faster(launch, meta):  # runs (here: records) the launch; the default is timed first
-        launch(meta)
-        first = not any(launch is seen for seen in timed)
-        timed.append(launch)
-        return 1.0 if first else 0.5
-
+    fake_time = alternates_faster(run=True)  # (runs, here: records, each timed launch)
     monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
     monkeypatch.setattr(at, "_on_gpu", lambda q: True)
     monkeypatch.setattr(at, "_capturing", lambda: False)
-    monkeypatch.setattr(at, "_time", alternates_faster)
+    monkeypatch.setattr(at, "_time", fake_time)
     for tiles in (at._FWD_TILES, at._DKDV_TILES, at._DQ_TILES):
         monkeypatch.setattr(tiles, "chosen", {})
     with captured_launches() as launches:
         _attention_calls(dtype, head_dim, 0.0, None)
         _attention_calls(dtype, head_dim, 0.1, "bool")
-    assert len(timed) == 12  # 3 kernels x 2 calls, a default and an alternate each
+    assert len(fake_time.timed) == 12  # 3 kernels x 2 calls, a default and an alternate each
     tiles = {(launch.name, *(launch.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "HAS_DROPOUT")))
              for launch in launches if "BLOCK_N" in launch.constexprs}  # fmt: skip
     assert len(tiles) == 12, tiles  # every default and every alternate launched
