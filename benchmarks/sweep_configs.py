@@ -264,7 +264,7 @@ def sweep_attention() -> None:
             def run(bm=bm, bn=bn, nw=nw, ns=ns, masked=masked, drop=drop):
                 return kern[(triton.cdiv(S, bm), B * H)](
                     q, k, v, o, lse, mask, cu, *at._strides(q), *at._strides(k), *at._strides(v),
-                    *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked), *dropout[drop],
+                    *at._strides(o), mask.stride(0), S, S, H, D, D**-0.5 * at.LOG2E, 0, int(masked), *dropout[drop], 0,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, HAS_DROPOUT=drop, EVEN_D=True, num_warps=nw,
                     num_stages=ns, enable_fp_fusion=FP_FUSION)  # fmt: skip
 
@@ -298,7 +298,7 @@ def sweep_attention_bwd() -> None:
         delta = torch.empty_like(lse)
         lay = at._Layout(q, k, None, 0, mask)
         ab._attention_bwd_preprocess_kernel[(triton.cdiv(S, ab._PREPROCESS_BLOCK_M), B * H)](
-            out, do, delta, lay.cu, *at._strides(out), *at._strides(do), S, S, H, D, 0,
+            out, do, delta, lay.cu, *at._strides(out), *at._strides(do), S, S, H, D, 0, 0,
             BLOCK_M=ab._PREPROCESS_BLOCK_M, BLOCK_D=64, EVEN_D=True, num_warps=ab._PREPROCESS_WARPS,
             enable_fp_fusion=FP_FUSION)  # fmt: skip
         dq_t, dk_t, dv_t = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -103,8 +103,9 @@ _FWD_CONFIGS = (
     (128, 64, 8, 3, _HALF, (32, 64), False),
     (128, 32, 8, 3, _HALF, (32, 64), True),  # (128 x 64 spilled on sm_80 at head_dim 32)
     (128, 32, 8, 1, _HALF, (128,)),  # (with dropout, 64 x 32 spilled on sm_80 and took ~1.9x the instructions a score)
-    (32, 32, 4, 1, ("fp32",), (32,), False),
-    (16, 32, 4, 1, ("fp32",), (32,), True),
+    # (with dropout this was 16 x 32, which spilled on sm_90 under Triton 3.9 once the kernel took bh_offset; 32 x 32
+    # takes 96 / 90 registers on sm_80 / sm_90 there, 96 / 86 under Triton 3.6)
+    (32, 32, 4, 1, ("fp32",), (32,)),
     (32, 32, 8, 1, ("fp32",), (64,)),
     (16, 32, 8, 1, ("fp32",), (128,)),
     # Alternate: 64-row tiles on 4 warps, twice the programs of the default's, for grids that leave SMs idle
@@ -416,6 +417,7 @@ def _attention_fwd_kernel(
     dropout_threshold,
     dropout_scale,  # 1 / (1 - p)
     seed_ptr,  # [1] int64, the dropout seed (common.seed_arg), read iff HAS_DROPOUT
+    bh_offset,  # (batch, head) of the grid's first row: launches come in chunks of at most MAX_GRID_Y
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -423,7 +425,7 @@ def _attention_fwd_kernel(
     EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: no mask along d
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh_offset
     b = bh // heads
     h = bh % heads
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
@@ -547,6 +549,10 @@ class _Layout:
                 1.0 / (1.0 - dropout_p), seed_arg(seed if dropout_p > 0.0 else None, device))  # fmt: skip
 
 
+# CUDA's limit on a grid's second dimension, which counts (batch, head) pairs in every attention kernel: more of
+# them (e.g. 5462 sequences of 12 heads) launch in chunks, each kernel adding its chunk's bh_offset.
+MAX_GRID_Y = 65535
+
 # Columns of the key bias come in whole blocks of this many, at least the largest BLOCK_N of any config, so that
 # every key block a kernel reads lies inside the row (the kernels load it without a bounds mask).
 KEY_BIAS_BLOCK = 128
@@ -599,15 +605,19 @@ def attention_fwd(
         return out, lse
     flags = lay.flags(dropout_p, seed, q.device)
 
-    def launch(meta):
-        _attention_fwd_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), lay.batch * lay.heads)](
+    n_bh = lay.batch * lay.heads
+
+    def launch(meta, bh0=0):
+        _attention_fwd_kernel[(cdiv(lay.max_q, meta["BLOCK_M"]), min(n_bh - bh0, MAX_GRID_Y))](
             q, k, v, out, lse, lay.bias, lay.cu,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), lay.bias.stride(0),
-            lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *flags,
+            lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, scale * LOG2E, *flags, bh0,
             BLOCK_D=lay.block_d, HAS_DROPOUT=dropout_p > 0.0, EVEN_D=lay.even_d, enable_fp_fusion=FP_FUSION, **meta,
         )  # fmt: skip
 
-    launch(_FWD_TILES.pick(lay, q, dropout_p > 0.0, lay.max_q, launch))
+    meta = _FWD_TILES.pick(lay, q, dropout_p > 0.0, lay.max_q, launch)  # (timed on the first chunk)
+    for bh0 in range(0, n_bh, MAX_GRID_Y):
+        launch(meta, bh0)
     return out, lse
 
 
@@ -633,7 +643,7 @@ def _divisible(sig: str) -> tuple[str, ...]:
 
 
 _STRIDES = "stride_{0}b:a stride_{0}h:a stride_{0}{1}:a stride_{0}d:1"
-_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed_ptr:L"
+_FLAGS = "is_varlen:i has_mask:i dropout_threshold:i dropout_scale:f seed_ptr:L bh_offset:i"
 _FWD_SIG = (
     "q_ptr:T k_ptr:T v_ptr:T o_ptr:T lse_ptr:F bias_ptr:F cu_seqlens_ptr:C "
     + " ".join(_STRIDES.format(x, y) for x, y in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")))

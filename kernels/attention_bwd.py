@@ -29,6 +29,7 @@ from fastbert.kernels.attention import (
     _RUNTIME_ARGS,
     _STRIDES,
     LOG2E,
+    MAX_GRID_Y,
     _aligned,
     _attended_prefix,
     _check_offsets,
@@ -91,12 +92,13 @@ def _attention_bwd_preprocess_kernel(
     heads,
     head_dim,
     is_varlen,
+    bh_offset,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + bh_offset
     b = bh // heads
     h = bh % heads
     start, len_q, len_k = _sequence(cu_seqlens_ptr, b, seq_q, seq_k, is_varlen)
@@ -427,15 +429,17 @@ def attention_bwd(
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lay.lse_shape, device=q.device, dtype=torch.float32)
-    _attention_bwd_preprocess_kernel[(cdiv(lay.max_q, _PREPROCESS_BLOCK_M), lay.batch * lay.heads)](
-        out, do, delta, lay.cu, *_strides(out), *_strides(do),
-        lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen),
-        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
-        enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    n_bh = lay.batch * lay.heads
+    for bh0 in range(0, n_bh, MAX_GRID_Y):
+        _attention_bwd_preprocess_kernel[(cdiv(lay.max_q, _PREPROCESS_BLOCK_M), min(n_bh - bh0, MAX_GRID_Y))](
+            out, do, delta, lay.cu, *_strides(out), *_strides(do),
+            lay.seq_q, lay.seq_k, lay.heads, lay.head_dim, int(lay.varlen), bh0,
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=lay.block_d, EVEN_D=lay.even_d, num_warps=_PREPROCESS_WARPS,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     max_k = lay.max_q if lay.varlen else lay.seq_k
-    n_bh, chunk, bits = lay.batch * lay.heads, lay.batch * lay.heads, placeholder(q.device, torch.uint8)
+    chunk, bits = min(n_bh, MAX_GRID_Y), placeholder(q.device, torch.uint8)
     if dropout_p > 0.0:
         # The forward's mask, drawn once and packed (1 bit a score) for dq and dk/dv to read: in chunks of (b, h)
         # when it would pass _DROPOUT_BITS_BUDGET (long sequences).
@@ -443,7 +447,7 @@ def attention_bwd(
         if head_bytes >= 2**31:  # the kernels' offsets within a (batch, head) are int32
             raise ValueError(f"attention dropout: sequences of {lay.max_q} x {lay.seq_k} are too long for the "
                              "backward's packed mask (at most 2^31 bytes a head)")  # fmt: skip
-        chunk = max(1, min(n_bh, _DROPOUT_BITS_BUDGET // max(head_bytes, 1)))
+        chunk = max(1, min(chunk, _DROPOUT_BITS_BUDGET // max(head_bytes, 1)))
         bits = empty((chunk, lay.max_q, cdiv(lay.seq_k, 32) * 4), device=q.device, dtype=torch.uint8)
         threshold, seed = dropout_threshold(dropout_p, DROPOUT_BITS.value), seed_arg(seed, q.device)
     flags, dropout = lay.bwd_flags(dropout_p, bits), dropout_p > 0.0
@@ -505,7 +509,7 @@ _BITS_SIG = ("bits_ptr:U cu_seqlens_ptr:C seq_q:i seq_k:i heads:i is_varlen:i dr
              "bits_len:i bh_offset:i BLOCK_M:c BLOCK_G:c")  # fmt: skip
 _PRE_SIG = (
     "o_ptr:T do_ptr:T delta_ptr:F cu_seqlens_ptr:C " + _STRIDES.format("o", "m") + " " + _STRIDES.format("do", "m")
-    + " seq_q:i seq_k:i heads:i head_dim:a is_varlen:i BLOCK_M:c BLOCK_D:c EVEN_D:c"
+    + " seq_q:i seq_k:i heads:i head_dim:a is_varlen:i bh_offset:i BLOCK_M:c BLOCK_D:c EVEN_D:c"
 )  # fmt: skip
 
 

@@ -572,6 +572,67 @@ def test_dropout_backward_in_chunks_of_heads_is_the_same(monkeypatch, chunk):
             assert torch.equal(g, gc)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodropout", "dropout"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_more_batch_heads_than_a_grid_row_launch_in_chunks(monkeypatch, varlen, dropout_p):
+    """CUDA takes at most 65535 programs along a grid's second dimension, the (batch, head) pairs of every attention
+    kernel (5462 sequences x 12 heads would be more): past that the launchers run chunks of (batch, head) pairs.
+    With the limit lowered to 4 here, 7 x 2 pairs take four chunks: no grid is taller than the limit, and the
+    results match the reference (with the kernel's keep-mask for dropout)."""
+    from fastbert.kernels import attention as fwd_kernels
+    from fastbert.kernels import attention_bwd as bwd_kernels
+    from fastbert.kernels.attention_dropout import dropout_keep_mask
+
+    limit, grids = 4, []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.kernel[grid]
+
+    for mod in (fwd_kernels, bwd_kernels):
+        monkeypatch.setattr(mod, "MAX_GRID_Y", limit)
+    monkeypatch.setattr(fwd_kernels, "_attention_fwd_kernel", Spy(fwd_kernels._attention_fwd_kernel))
+    for name in ("_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
+                 "_attention_dropout_bits_kernel"):  # fmt: skip
+        monkeypatch.setattr(bwd_kernels, name, Spy(getattr(bwd_kernels, name)))
+    b, h, s, d = 7, 2, 20, 32
+    q, k, v, do = make_inputs(b, h, s, d, torch.float16)
+    torch.manual_seed(5)
+    seed = int(draw_seed(DEVICE).item())
+    if not varlen:
+        keep = dropout_keep_mask(seed, b, h, s, s, dropout_p, DEVICE) if dropout_p else None
+        check_against_reference(q, k, v, do, mask=random_mask(b, s, seed=4), dropout_p=dropout_p, keep=keep,
+                                seed=5 if dropout_p else None)  # fmt: skip
+    else:
+        lengths = [1, 20, 7, 13, 20, 2, 9]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        packed = [torch.cat([t[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)]) for t in (q, k, v, do)]
+        keep = dropout_keep_mask(seed, 1, h, int(cu[-1]), s, dropout_p, DEVICE)[0] if dropout_p else None
+
+        def ref(q, k, v):
+            outs = []
+            for a, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+                kb = keep[:, a:e, : e - a][None] if dropout_p else None
+                one = (t[a:e].transpose(0, 1)[None] for t in (q, k, v))
+                outs.append(reference.attention(*one, dropout_p=dropout_p, keep=kb)[0].transpose(0, 1))
+            return torch.cat(outs)
+
+        torch.manual_seed(5)
+        out, grads = run(lambda *t: attention_varlen(*t, cu, s, dropout_p=dropout_p), packed[:3], packed[3])
+        ref_out, ref_grads = run(ref, [t.double() for t in packed[:3]], packed[3].double())
+        eager_out, eager_grads = run(ref, packed[:3], packed[3])
+        assert_matches_reference(out, ref_out, eager_out, name="out")
+        for name, g, rg, eg in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads, strict=True):
+            assert_matches_reference(g, rg, eg, name=name)
+    assert grids and max(grid[1] for grid in grids) <= limit
+    # every kernel ran all four chunks: forward, preprocess, dk/dv and dq (and the dropout mask's packing)
+    assert len(grids) == 4 * (5 if dropout_p else 4)
+
+
 def test_varlen_dropout_matches_reference_with_kernel_mask():
     from fastbert.kernels.attention_dropout import dropout_keep_mask
 
