@@ -235,6 +235,25 @@ def test_strided_and_int32_labels(monkeypatch):
     torch.testing.assert_close(linear_cross_entropy(x, w, b, column.int())[1], expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_eager_fallback_under_autocast_takes_the_loss_in_float32(monkeypatch, dtype):
+    """The CPU fallback under autocast does what eager autocast does: logits from the half GEMM, the
+    cross-entropy (an fp32 op under autocast) of their fp32 copy, not of the half logits (which gave the loss to
+    bf16's 3 significant digits)."""
+    import fastbert.ops._linear_cross_entropy as mod
+
+    monkeypatch.setattr(mod, "use_triton", lambda t: False)
+    x, w, b, labels = make_inputs(64, 16, 100, torch.float32)
+    x = x * 3  # logits of order ten: their half rounding moves a half-precision loss by ~1e-2
+    with torch.autocast("cpu", dtype=dtype):
+        logits, loss = linear_cross_entropy(x, w, b, labels)
+        eager_logits = F.linear(x, w, b)
+        eager_loss = F.cross_entropy(eager_logits, labels)
+    assert logits.dtype == dtype and loss.dtype == torch.float32
+    torch.testing.assert_close(logits, eager_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input_raises():
     x, w, b, labels = make_inputs(4, 16, 100, torch.float32)
     with pytest.raises(ValueError, match="hidden size"):

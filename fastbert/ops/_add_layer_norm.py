@@ -14,6 +14,7 @@ from fastbert.ops._common import (
     check_same_device,
     draw_seed,
     eager_function,
+    number,
     rows_view,
     use_triton,
 )
@@ -121,7 +122,7 @@ def _backward_with(bwd):
 
 
 _fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
-_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
+_eager = eager_function("add_layer_norm", _fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def _validate(x, residual, weight, bias, autocast: bool) -> None:
@@ -168,6 +169,7 @@ def add_layer_norm(
     TRITON_INTERPRET=1.
     """
     dropout_p = check_dropout_p(dropout_p)
+    eps = number("eps", eps)
     autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
     _validate(x, residual, weight, bias, autocast)
     if autocast:
@@ -191,5 +193,5 @@ def add_layer_norm(
         and torch.is_grad_enabled()
         and any(t.requires_grad for t in (x, residual, weight, bias))
     )
-    y, _, _, _ = call(_fwd, _eager, x2, r2, weight, bias, float(eps), dropout_p, seed, store_sum)
+    y, _, _, _ = call(_fwd, _eager, x2, r2, weight, bias, eps, dropout_p, seed, store_sum)
     return y.view(residual.shape)

@@ -16,6 +16,7 @@ from fastbert.ops._common import (
     check_same_device,
     draw_seed,
     eager_function,
+    number,
     use_triton,
 )
 
@@ -130,7 +131,7 @@ def _backward_with(bwd):
 
 
 _fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
-_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
+_eager = eager_function("attention", _fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -276,6 +277,7 @@ def attention_varlen(
     offsets would read out of bounds, a max_seqlen below the longest length leaves rows unwritten. Under
     torch.compile the values are never read (that would break the graph)."""
     dropout_p = check_dropout_p(dropout_p)
+    max_seqlen = number("max_seqlen", max_seqlen, int)
     _check_qkv(q, k, v, 3, "[total_tokens, heads, head_dim]")
     if q.shape != k.shape:
         raise ValueError(f"q, k and v must have one shape in varlen attention, got {tuple(q.shape)} and "

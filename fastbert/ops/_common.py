@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import numbers
 import os
 import warnings
 
@@ -76,8 +77,20 @@ def check_linear(x, weight, bias, autocast: bool, out_name: str, in_name: str) -
     return n, k
 
 
+def number(name: str, value, kind: type = float):
+    """value as a float (or an int), else ValueError naming the argument (where float(None) raises TypeError).
+    Takes Python and NumPy numbers, one-element tensors, and torch.compile's symbolic sizes as they are."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (kind is int and value != int(value)):
+        raise ValueError(f"{name} must be a{'n integer' if kind is int else ' real number'}, got {value!r}")
+    return kind(value)
+
+
 def check_dropout_p(p: float) -> float:
-    p = float(p)
+    p = number("dropout_p", p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {p}")
     return p
@@ -103,8 +116,27 @@ def rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2
 
 
-def eager_function(forward, setup_context, backward):
-    """An autograd.Function apply() running ``forward`` (a custom op's implementation) directly.
+def first_order_only(name: str, backward):
+    """``backward`` of an autograd.Function whose backward is not itself differentiable (it runs Triton kernels,
+    or takes saved tensors detached): raises, naming the op, when autograd records it for a second derivative
+    (``create_graph=True``: a gradient penalty, a Hessian-vector product) instead of returning gradients whose
+    own gradient would be silently wrong."""
+
+    def first_order_backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"fastbert: {name} has no double backward (create_graph=True, e.g. a gradient penalty): its "
+                "backward runs fused kernels that autograd cannot differentiate. Compute that part without fastbert "
+                "(fastbert.restore(model), or PyTorch's own ops)"
+            )
+        return backward(ctx, *grads)
+
+    return first_order_backward
+
+
+def eager_function(name: str, forward, setup_context, backward):
+    """An autograd.Function apply() running ``forward`` (a custom op's implementation) directly; ``name`` is the
+    op's, for the error first_order_only raises.
 
     Each op is a ``torch.library`` custom op (so torch.compile sees one opaque node with a fake implementation),
     but calling a custom op in eager mode costs hundreds of microseconds of host time per call on the device we
@@ -123,7 +155,7 @@ def eager_function(forward, setup_context, backward):
     fn = type(
         f"Eager_{forward.__name__}",
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward)},
+        {"forward": staticmethod(forward_with_ctx), "backward": staticmethod(first_order_only(name, backward))},
     )
 
     def run(*args):

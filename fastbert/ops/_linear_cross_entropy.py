@@ -133,7 +133,7 @@ def _backward_with(bwd):
 
 
 _fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
-_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
+_eager = eager_function("linear_cross_entropy", _fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def _validate(x, weight, bias, labels, autocast: bool) -> None:
@@ -185,18 +185,19 @@ def linear_cross_entropy(
     if isinstance(ignore_index, bool) or int(ignore_index) != ignore_index:
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     labels = labels.long()  # (F.cross_entropy takes int64 class indices; a no-op for them)
+    v, h = weight.shape
     if autocast:
         x = x.to(autocast_dtype(x.device.type))  # weight and bias are cast inside, with the padding
     if not use_triton(x):
         if autocast:
+            # as eager autocast: logits from the half GEMM, the cross-entropy (an fp32 op there) of their fp32 copy
             with torch.autocast(x.device.type, enabled=False):
                 dtype = x.dtype
-                w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-                logits, loss = reference.linear_cross_entropy(x, w, b, labels, ignore_index=ignore_index)
-                return logits, loss.float()
+                logits = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+                loss = F.cross_entropy(logits.reshape(-1, v).float(), labels.reshape(-1), ignore_index=ignore_index)
+                return logits, loss
         return reference.linear_cross_entropy(x, weight, bias, labels, ignore_index=ignore_index)
 
-    v, h = weight.shape
     x2 = x.reshape(-1, h)
     labels2 = labels.reshape(-1).contiguous()  # the kernels read one label a row, contiguous
     logits, loss, _, _ = call(_fwd, _eager, x2, weight, bias, labels2, int(ignore_index))

@@ -14,6 +14,7 @@ from fastbert.ops._common import (
     check_linear,
     check_same_device,
     eager_function,
+    first_order_only,
     rows_view,
     use_triton,
 )
@@ -88,7 +89,7 @@ def _backward_with(bwd):
 
 
 _fwd.register_autograd(_backward_with(_bwd), setup_context=_setup_context)
-_eager = eager_function(_fwd_impl, _setup_context, _backward_with(_bwd_impl))
+_eager = eager_function("linear_gelu", _fwd_impl, _setup_context, _backward_with(_bwd_impl))
 
 
 def _validate(x, weight, bias, approximate, autocast: bool) -> None:
@@ -152,8 +153,23 @@ def linear_gelu_with_preact(
 
 
 # ----------------------------------------------------------------------------------------------- linear_of_gelu
+def _linear_of_gelu_backward(ctx, dout):
+    h, weight = ctx.saved_tensors
+    d2 = dout.reshape(-1, weight.shape[0])
+    dy = dweight = dbias = None
+    if ctx.needs_input_grad[0]:
+        dy = (d2 @ weight).view(ctx.y_shape)
+    if ctx.needs_input_grad[2]:
+        # eager GELU of the saved (rounded) pre-activation: the y eager PyTorch's Linear would have saved
+        dweight = d2.t() @ F.gelu(h, approximate=ctx.approximate)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = d2.sum(0)
+    return dy, None, dweight, dbias, None
+
+
 class _LinearOfGelu(torch.autograd.Function):
-    """F.linear(y, weight, bias) for y = gelu(h), saving h instead of y: the backward recomputes y from h."""
+    """F.linear(y, weight, bias) for y = gelu(h), saving h instead of y: the backward recomputes y from h (a
+    detached h: its dependence on the input is not recorded, so the backward is first-order only)."""
 
     @staticmethod
     def forward(ctx, y, h, weight, bias, approximate):
@@ -161,19 +177,7 @@ class _LinearOfGelu(torch.autograd.Function):
         ctx.approximate, ctx.has_bias, ctx.y_shape = approximate, bias is not None, y.shape
         return F.linear(y, weight, bias)
 
-    @staticmethod
-    def backward(ctx, dout):
-        h, weight = ctx.saved_tensors
-        d2 = dout.reshape(-1, weight.shape[0])
-        dy = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            dy = (d2 @ weight).view(ctx.y_shape)
-        if ctx.needs_input_grad[2]:
-            # eager GELU of the saved (rounded) pre-activation: the y eager PyTorch's Linear would have saved
-            dweight = d2.t() @ F.gelu(h, approximate=ctx.approximate)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            dbias = d2.sum(0)
-        return dy, None, dweight, dbias, None
+    backward = staticmethod(first_order_only("linear_of_gelu (the Linear after linear_gelu)", _linear_of_gelu_backward))
 
 
 def linear_of_gelu(
