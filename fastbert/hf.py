@@ -26,7 +26,15 @@ How it plugs in (transformers 5.x):
   the output changed the logits, the hook computes transformers' loss from the output's logits instead.
 - Unpad once: when the batch has padding, the encoder packs the real tokens once before the first layer, every
   layer runs on [tokens, hidden] with ``ops.attention_varlen``, and the padded layout is restored at the end.
-  Padding positions of the result are then zeros (transformers computes values nobody should read there).
+  Padding positions of the result are then zeros (transformers computes values nobody should read there). It
+  runs the padded batch instead where that would show: a row whose position 0 is padding (the pooler reads it),
+  chunk_size_feed_forward, a hook of the caller's inside the layers (_layers_take_tokens).
+- Packed sequences: position_ids that restart within a row and no attention mask make transformers combine a
+  block-diagonal rule into its mask function; mask_function then returns a ComposedMask, and the encoder runs
+  the rows' sequences as one variable-length batch (anything else that meets it builds transformers' mask and
+  runs transformers' eager attention).
+- Every fused path uses a Linear's weight only while the module is a plain nn.Linear without hooks
+  (modules.plain_linear), checked on each call: a LoRA layer or a hook installed after optimize runs as itself.
 
 Modules are changed by swapping their class for a subclass that only overrides ``forward`` (no new parameters,
 buffers or submodules), so state_dict keys and values are identical and ``restore`` swaps the classes back.
@@ -43,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
-from fastbert.modules import fused_qkv, linear_after_gelu, tag_preact
+from fastbert.modules import fused_qkv, linear_after_gelu, plain_linear, tag_preact
 from fastbert.ops._attention import shared_key_bias
 from fastbert.ops._linear_gelu import linear_gelu_with_preact
 
@@ -80,6 +88,25 @@ class VarlenBatch:
     max_seqlen: int
 
 
+@dataclasses.dataclass
+class ComposedMask:
+    """Stands in for the attention mask when transformers' mask is more than key padding: several sequences packed
+    into each row (position_ids that restart, no attention mask, as DataCollatorWithFlattening makes them), or
+    another pattern combined into its mask function. It holds the mask-interface call, so that transformers' own
+    (eager, additive 4-D) mask is made where it is needed; the encoder runs packed sequences as a variable-length
+    batch instead (_encoder_forward)."""
+
+    call: dict
+    _dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            from transformers.masking_utils import eager_mask
+
+            self._dense = eager_mask(**self.call)
+        return self._dense
+
+
 def _capturing(kind: str) -> bool:
     """True when transformers is recording per-layer outputs of this kind ("attentions", "hidden_states") for
     the current forward (output_attentions / output_hidden_states)."""
@@ -96,8 +123,11 @@ def _capturing(kind: str) -> bool:
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function ("fastbert"): q, k, v [batch, heads, seq, head_dim] (transposed views),
-    attention_mask None or the [batch, seq] padding mask from mask_function, or a VarlenBatch (packed
-    [tokens, ...] layout). Returns (out [batch, seq, heads, head_dim] or [tokens, heads, head_dim], None)."""
+    attention_mask None or the [batch, seq] padding mask from mask_function, a VarlenBatch (packed
+    [tokens, ...] layout), or a ComposedMask (run as transformers' eager attention with its mask). Returns
+    (out [batch, seq, heads, head_dim] or [tokens, heads, head_dim], None)."""
+    if isinstance(attention_mask, ComposedMask):
+        attention_mask = attention_mask.dense()
     if _capturing("attentions") or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2):
         # output_attentions=True: the probabilities must exist, which the fused kernel never materialises; or a
         # mask the caller built (4-D, additive or bool), which eager attention applies as given.
@@ -131,7 +161,17 @@ def _as_4d(mask, query):
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, **kwargs):  # fmt: skip
     """transformers AttentionMaskInterface function ("fastbert"): the [batch, kv_length] bool padding mask, or
-    None when no token is padded (checked on the host unless tracing or capturing a CUDA graph)."""
+    None when no token is padded (checked on the host unless tracing or capturing a CUDA graph). When
+    transformers' mask_function is more than bidirectional attention over the padding mask (packed sequences found
+    in position_ids, or another pattern), a ComposedMask; under torch.compile, its eager 4-D mask."""
+    from transformers import masking_utils
+
+    plain = getattr(masking_utils, "bidirectional_mask_function", None)
+    if mask_function is not None and mask_function is not plain:
+        composed = ComposedMask(dict(kwargs, batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                                     attention_mask=attention_mask, allow_is_bidirectional_skip=False))  # fmt: skip
+        return composed.dense() if torch.compiler.is_compiling() else composed
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:  # the caller's own (4-D) mask: attention_forward hands it to eager attention
@@ -206,18 +246,26 @@ def _add_ln_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tenso
 
 
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not plain_linear(self.dense):  # wrapped since optimize (LoRA), or hooked: transformers' dense + GELU
+        return super(type(self), self).forward(hidden_states)
     y, h = linear_gelu_with_preact(hidden_states, self.dense.weight, self.dense.bias, approximate=self._fastbert_gelu)
     return tag_preact(y, h, self._fastbert_gelu)
 
 
 def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                      encoder_attention_mask=None, **kwargs):  # fmt: skip
-    """Unpad once: pack the real tokens, run every layer on them, restore the padded layout. The cache arrives
-    as `past_key_values` (transformers < 5.24) or `cache` (later): both stay in kwargs, passed on untouched."""
+    """Unpad once: pack the real tokens, run every layer on them, restore the padded layout; sequences packed into
+    rows by position_ids (a ComposedMask from mask_function) run as a variable-length batch as they are. The
+    cache arrives as `past_key_values` (transformers < 5.24) or `cache` (later): both stay in kwargs, passed on
+    untouched."""
     base = super(type(self), self).forward
+    composed = isinstance(attention_mask, ComposedMask)
+    position_ids = kwargs.get("position_ids")
     packable = (
-        isinstance(attention_mask, torch.Tensor)
-        and attention_mask.dim() == 2
+        (
+            (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2)
+            or (composed and attention_mask.call.get("attention_mask") is None and position_ids is not None)
+        )
         and encoder_hidden_states is None
         and kwargs.get("past_key_values") is None
         and kwargs.get("cache") is None
@@ -225,15 +273,27 @@ def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_st
         and not (hidden_states.is_cuda and torch.cuda.is_current_stream_capturing())
         and not _capturing("hidden_states")
         and not _capturing("attentions")
+        and _layers_take_tokens(self)
     )
+    # A head that reads position 0 of each row (the pooler, RoBERTa's classifier) must find transformers' value
+    # there, which unpadding leaves at zero where position 0 is padding (left padding): such a batch runs padded.
+    # (A row without any token gives zeros, as documented, and does not count.)
+    if packable and not composed and not bool((attention_mask[:, 0] | ~attention_mask.any(1)).all()):
+        packable = False
     if not packable:
+        if composed:
+            attention_mask = attention_mask.dense()
         # The layers then get the padding mask itself: its key bias is made once for all of them.
         with shared_key_bias():
             return base(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, **kwargs)
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
-    B, S = attention_mask.shape
-    packed, indices, cu_seqlens, max_seqlen = ops.unpad(hidden_states, attention_mask)
+    B, S = hidden_states.shape[:2]
+    if composed:
+        packed, indices = hidden_states.reshape(B * S, hidden_states.shape[-1]), None
+        cu_seqlens, max_seqlen = _sequences_of_positions(position_ids, B, S)
+    else:
+        packed, indices, cu_seqlens, max_seqlen = ops.unpad(hidden_states, attention_mask)
     batch = VarlenBatch(cu_seqlens, max_seqlen)
     # Per-token positions were consumed by the embeddings; the cache is None here and use_cache means nothing
     # to an encoder without one.
@@ -242,7 +302,58 @@ def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_st
     if packed.shape[0]:  # (a batch without a single token: nothing to run, zeros at every position)
         for layer in self.layer:
             packed = layer(packed, batch, None, **kwargs)
-    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=ops.pad(packed, indices, B, S))
+    out = packed.view(B, S, -1) if indices is None else ops.pad(packed, indices, B, S)
+    return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
+
+def _sequences_of_positions(position_ids: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, int]:
+    """cu_seqlens (int32) and the longest length of the sequences packed into the rows of [batch, seq] tokens: as
+    transformers reads them (masking_utils.find_packed_sequence_indices), a sequence starts at each row's first
+    token and wherever a position is not its predecessor's plus one."""
+    pos = position_ids.expand(batch, seq)
+    starts = torch.ones(batch, seq, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    begins = starts.flatten().nonzero().flatten()
+    cu_seqlens = torch.cat([begins, begins.new_tensor([batch * seq])]).to(device=pos.device, dtype=torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+def _foreign_hook(hooks) -> bool:
+    # transformers' own output-capturing hooks (installed on the layers once, idle unless capturing: then the
+    # encoder does not unpad anyway) are not the caller's
+    for hook in hooks.values():
+        if getattr(hook, "__module__", None) != "transformers.utils.output_capturing":
+            return True
+    return False
+
+
+def _layers_take_tokens(encoder: nn.Module) -> bool:
+    """Whether the layers may run on packed [tokens, hidden] states: no chunked feed-forward (it splits dim 1, the
+    sequence of the padded layout), and no hook of the caller's on the layers or anything in them, which would
+    see (and could change) packed tensors where it expects [batch, seq, hidden]. (A walk of the module tree on each
+    forward: ~55 us for BERT-base's 216 modules on the 2-core development machine.)"""
+    from torch.nn.modules import module as nn_module
+
+    if any(
+        getattr(nn_module, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                     "_global_backward_pre_hooks")
+    ):  # fmt: skip
+        return False
+    if any(getattr(layer, "chunk_size_feed_forward", 0) for layer in encoder.layer):
+        return False
+    stack = list(encoder.layer._modules.values())
+    while stack:
+        module = stack.pop()
+        if module is None:
+            continue
+        d = module.__dict__
+        if d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
+            return False
+        if d["_forward_hooks"] and _foreign_hook(d["_forward_hooks"]):
+            return False
+        stack.extend(d["_modules"].values())
+    return True
 
 
 # ----------------------------------------------------------------------------------------------- masked-LM loss

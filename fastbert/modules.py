@@ -50,15 +50,24 @@ def fused_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Tenso
     lins = (query, key, value)
     if not torch.is_grad_enabled() or not (x.requires_grad or any(m.weight.requires_grad for m in lins)):
         return None
-    if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in lins):
-        return None
-    if _global_forward_hooks or _global_forward_pre_hooks:
+    if not all(plain_linear(m) for m in lins):
         return None
     if len({(m.weight.shape, m.weight.dtype, m.weight.device, m.bias is None) for m in lins}) != 1:
         return None
     weight = torch.cat([m.weight for m in lins])
     bias = None if query.bias is None else torch.cat([m.bias for m in lins])
     return F.linear(x, weight, bias).split(query.out_features, dim=-1)
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """Whether ``m(x)`` is ``F.linear(x, m.weight, m.bias)`` and nothing else: an nn.Linear itself (not a wrapper
+    such as a LoRA layer, whose weight may be its base layer's alone) with no forward hook on it or on every module
+    (a hook would not run, or its change would be lost, if the fused path used the weight directly)."""
+    return (
+        type(m) is nn.Linear
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and not (_global_forward_hooks or _global_forward_pre_hooks)
+    )
 
 
 def tag_preact(y: torch.Tensor, preact: torch.Tensor | None, approximate: str) -> torch.Tensor:
@@ -74,7 +83,7 @@ def linear_after_gelu(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
     ops' linear_of_gelu, so that autograd keeps the pre-activation linear_gelu saves anyway instead of y as well
     (one [tokens, intermediate] activation less per BERT layer in training)."""
     preact = None if torch.compiler.is_compiling() else getattr(y, "_fastbert_preact", None)
-    if preact is None or preact[1] != y._version or linear._forward_hooks or linear._forward_pre_hooks:
+    if preact is None or preact[1] != y._version or not plain_linear(linear):
         return linear(y)
     return linear_of_gelu(y, preact[0], linear.weight, linear.bias, approximate=preact[2])
 

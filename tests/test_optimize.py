@@ -308,17 +308,22 @@ def test_gradient_checkpointing_with_dropout_regenerates_the_masks(reentrant):
         torch.testing.assert_close(checkpointed[1][name], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+class _LinearSubclass(nn.Linear):
+    """An nn.Linear in all but type: the fused paths, which use only a plain nn.Linear's weight, step aside."""
+
+
 def test_training_saves_the_preactivation_not_the_gelu_output():
     """In training, each BertOutput's dense keeps the pre-activation BertIntermediate's backward saves anyway,
     not the GELU output: autograd keeps exactly one [tokens, intermediate] activation per layer less than with
-    a plain Linear (forced here by a forward hook, which makes linear_after_gelu step aside)."""
+    a plain Linear (forced here by a subclass of nn.Linear, which makes linear_after_gelu step aside; a hook
+    would too, but it also keeps the encoder from unpadding)."""
     cfg = bert_config()
     _, fast = pair(transformers.BertForMaskedLM, cfg)
     fast.train()
     ids, mask = batch()
     lean = _saved_bytes(fast, ids, mask)
     for layer in fast.bert.encoder.layer:
-        layer.output.dense.register_forward_hook(lambda *a: None)
+        layer.output.dense.__class__ = _LinearSubclass
     plain = _saved_bytes(fast, ids, mask)
     tokens = int(mask.sum())  # the encoder runs on packed tokens
     assert plain - lean == cfg.num_hidden_layers * tokens * cfg.intermediate_size * 4
@@ -326,23 +331,25 @@ def test_training_saves_the_preactivation_not_the_gelu_output():
 
 def test_fused_qkv_casts_and_keeps_the_input_once_under_autocast():
     """Under autocast the query / key / value GEMM casts the layer input once and autograd keeps that one half
-    copy (three with three Linears, which a forward hook on the query forces here): 2 x tokens x hidden x 2
+    copy (three with three Linears, which an nn.Linear subclass as the query forces here): 2 x tokens x hidden x 2
     bytes less per layer. Loss and gradients match transformers' in both cases."""
     cfg = bert_config()
     ref, fast = pair(transformers.BertForMaskedLM, cfg)
     ref.train(), fast.train()
     ids, mask = batch()
+    queries = [layer.attention.self.query for layer in fast.bert.encoder.layer]
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         lean = _saved_bytes(fast, ids, mask)
-        hooks = [layer.attention.self.query.register_forward_hook(lambda *a: None) for layer in fast.bert.encoder.layer]
+        for query in queries:
+            query.__class__ = _LinearSubclass
         plain = _saved_bytes(fast, ids, mask)
     tokens = int(mask.sum())
     assert plain - lean == cfg.num_hidden_layers * 2 * tokens * cfg.hidden_size * 2
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-    for hooked in (True, False):
-        if not hooked:
-            for h in hooks:
-                h.remove()
+    for wrapped in (True, False):
+        if not wrapped:
+            for query in queries:
+                query.__class__ = nn.Linear
         grads = []
         for m in (ref, fast):
             m.zero_grad()
@@ -369,6 +376,49 @@ def test_fused_qkv_steps_aside_for_wrapped_projections():
     valid = mask.bool()
     torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
     assert fastbert.summary(fast).accelerated["query / key / value projections (one GEMM)"] == 2
+
+
+class _LoraLike(nn.Module):
+    """What LoRA installs over a Linear: a module of its own (not an nn.Linear), whose ``weight`` is its base
+    layer's alone, adding a low-rank term in its forward."""
+
+    def __init__(self, base: nn.Linear, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.a = nn.Parameter(torch.randn(2, base.in_features, generator=g).to(DEVICE) * 0.1)
+        self.b = nn.Parameter(torch.randn(base.out_features, 2, generator=g).to(DEVICE) * 0.1)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.t() @ self.b.t()
+
+
+def test_feed_forward_linears_wrapped_after_optimize_run_as_themselves():
+    """A LoRA-like wrapper installed over BertIntermediate's and BertOutput's dense after optimize: the fused
+    GEMMs step aside (they would read the base weight alone) and outputs and gradients match."""
+    ref, fast = pair(transformers.BertModel, bert_config())
+    for m in (ref, fast):
+        for i, layer in enumerate(m.encoder.layer):
+            layer.intermediate.dense = _LoraLike(layer.intermediate.dense, seed=i)
+            layer.output.dense = _LoraLike(layer.output.dense, seed=10 + i)
+        m.train()
+    ids, mask = batch()
+    valid = mask.bool()
+    outs = []
+    for m in (ref, fast):
+        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out[valid] * torch.linspace(-1, 1, 64, device=DEVICE)).sum().backward()
+        outs.append(out[valid])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    _grads_match(fast, ref)
 
 
 @pytest.mark.parametrize(
@@ -536,6 +586,139 @@ def test_output_attentions_and_hidden_states_fall_back(grad):
         for name, p in ref.named_parameters():
             torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-3, atol=1e-5,
                                        msg=lambda msg, n=name: f"{n}: {msg}")  # fmt: skip
+
+
+def _grads_match(fast, ref):
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(fast_params[name].grad, p.grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda msg, n=name: f"{n}: {msg}")  # fmt: skip
+
+
+def _count(monkeypatch, module, name) -> list:
+    """Calls of module.name from here on (each appends its first argument's shape)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k))
+    return calls
+
+
+def test_sequences_packed_by_position_ids_run_as_varlen_and_match(monkeypatch):
+    """Several examples packed into each row, told apart by position_ids that restart and no attention mask
+    (DataCollatorWithFlattening): transformers attends within each example (a block-diagonal mask), and so does the
+    optimized model, running the examples as one variable-length batch (no unpadding, no dense mask); where the
+    encoder cannot (hidden states recorded) it runs transformers' own mask. Outputs and gradients match."""
+    from fastbert import ops
+
+    ref, fast = pair(transformers.BertModel, bert_config())
+    ids, _ = batch(B=2, S=12)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1], list(range(12))], device=DEVICE)
+    with torch.no_grad():
+        alone = ref(input_ids=ids[:1, 6:10], position_ids=pos[:1, 6:10]).last_hidden_state
+        packed = ref(input_ids=ids, position_ids=pos).last_hidden_state
+    packs = torch.allclose(packed[:1, 6:10], alone, rtol=1e-5, atol=1e-5)  # this transformers reads the packing
+    varlen, unpad = _count(monkeypatch, ops, "attention_varlen"), _count(monkeypatch, ops, "unpad")
+    outs = []
+    for m in (ref, fast):
+        m.train()
+        out = m(input_ids=ids, position_ids=pos)
+        (out.last_hidden_state * torch.linspace(-1, 1, 64, device=DEVICE)).sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1].last_hidden_state, outs[0].last_hidden_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[1].pooler_output, outs[0].pooler_output, rtol=1e-4, atol=1e-4)
+    _grads_match(fast, ref)
+    assert not unpad
+    assert varlen == ([(24, 2, 32)] * 2 if packs else [])  # both layers on the 24 tokens, all real
+    with torch.no_grad():
+        a = fast(input_ids=ids, position_ids=pos, output_hidden_states=True)
+        b = ref(input_ids=ids, position_ids=pos, output_hidden_states=True)
+    for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["BertModel", "BertForSequenceClassification", "RobertaForSequenceClassification"])
+def test_left_padding_runs_padded_so_position_zero_matches(monkeypatch, cls):
+    """The pooler and RoBERTa's classifier read position 0 of each row. Where that is padding (left padding),
+    transformers' value there is what they read, so the encoder runs the padded batch instead of unpadding, and
+    the pooled output, logits and gradients match; a right-padded batch still unpads."""
+    from fastbert import ops
+
+    ref, fast = pair(getattr(transformers, cls), config_for(cls))
+    ids, mask = batch(lengths=(12, 7, 1))
+    left = mask.flip(1)
+    unpad = _count(monkeypatch, ops, "unpad")
+    key = "pooler_output" if cls == "BertModel" else "logits"
+    outs = []
+    for m in (ref, fast):
+        m.train()
+        out = m(input_ids=ids, attention_mask=left)
+        out[key].square().sum().backward()
+        outs.append(out[key])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    _grads_match(fast, ref)
+    assert not unpad
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask)[key],
+                                   ref(input_ids=ids, attention_mask=mask)[key], rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert len(unpad) == 1
+
+
+def test_chunked_feed_forward_runs_padded(monkeypatch):
+    """config.chunk_size_feed_forward splits the feed-forward along the sequence (dim 1 of [batch, seq, hidden]),
+    which packed [tokens, hidden] states do not have: such a model runs the padded batch."""
+    from fastbert import ops
+
+    ref, fast = pair(transformers.BertModel, bert_config(chunk_size_feed_forward=4))
+    ids, mask = batch(lengths=(12, 7, 1))
+    unpad = _count(monkeypatch, ops, "unpad")
+    with torch.no_grad():
+        a = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    valid = mask.bool()
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-4, atol=1e-4)
+    assert not unpad
+
+
+@pytest.mark.parametrize("where", ["layer", "feed_forward_dense", "backward", "global"])
+def test_hooks_inside_the_encoder_see_the_padded_layout(monkeypatch, where):
+    """A hook of the caller's on an encoder layer or anything in it sees [batch, seq, hidden] tensors, as without
+    fastbert (the encoder then runs padded); once removed, the encoder unpads again. transformers' own
+    output-capturing hooks (installed on the layers by an output_hidden_states call) do not count."""
+    from fastbert import ops
+
+    ref, fast = pair(transformers.BertModel, bert_config())
+    ids, mask = batch(lengths=(12, 7, 1))
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    unpad = _count(monkeypatch, ops, "unpad")
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask)
+    assert len(unpad) == 1
+    shapes = []
+    hook = lambda module, args, out: shapes.append(tuple((out[0] if isinstance(out, tuple) else out).shape))  # noqa: E731
+    if where == "layer":
+        handle = fast.encoder.layer[1].register_forward_hook(hook)
+    elif where == "feed_forward_dense":
+        handle = fast.encoder.layer[0].intermediate.dense.register_forward_hook(hook)
+    elif where == "backward":
+        handle = fast.encoder.layer[0].register_full_backward_hook(lambda m, gi, go: shapes.append(go[0].shape))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: shapes.append(tuple(o.shape)) if m is fast.encoder.layer[1] else None)  # fmt: skip
+    try:
+        fast.train()
+        out = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        out.sum().backward()
+        with torch.no_grad():
+            b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        handle.remove()
+    assert len(unpad) == 1  # not again while hooked
+    assert shapes and all(shape[:2] == (3, 12) for shape in shapes), shapes
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], b[valid], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=mask)
+    assert len(unpad) == 2
 
 
 def test_unfused_activation_and_head_dim_are_reported():
