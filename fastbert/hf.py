@@ -33,8 +33,9 @@ How it plugs in (transformers 5.x):
   block-diagonal rule into its mask function; mask_function then returns a ComposedMask, and the encoder runs
   the rows' sequences as one variable-length batch (anything else that meets it builds transformers' mask and
   runs transformers' eager attention).
-- Every fused path uses a Linear's weight only while the module is a plain nn.Linear without hooks
-  (modules.plain_linear), checked on each call: a LoRA layer or a hook installed after optimize runs as itself.
+- Every fused path uses a module's parameters only while it is the plain torch.nn module without hooks
+  (modules.plain_linear, unhooked: the Linears, LayerNorm, dropout and activation it stands in for), checked on
+  each call: a LoRA layer, a replaced LayerNorm or a hook installed after optimize runs as itself.
 
 Modules are changed by swapping their class for a subclass that only overrides ``forward`` (no new parameters,
 buffers or submodules), so state_dict keys and values are identical and ``restore`` swaps the classes back.
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
-from fastbert.modules import fused_qkv, linear_after_gelu, plain_linear, tag_preact
+from fastbert.modules import fused_qkv, linear_after_gelu, plain_linear, tag_preact, unhooked
 from fastbert.ops._attention import shared_key_bias
 from fastbert.ops._linear_gelu import linear_gelu_with_preact
 
@@ -239,6 +240,8 @@ def _fused_qkv_applies(cls: type) -> bool:
 
 def _add_ln_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
     ln = self.LayerNorm
+    if type(ln) is not nn.LayerNorm or not unhooked(ln, self.dropout):  # replaced or hooked since optimize
+        return super(type(self), self).forward(hidden_states, input_tensor)
     p = self.dropout.p if self.training else 0.0
     # BertOutput after a fused BertIntermediate: its dense saves the pre-activation instead of the GELU output
     dense = linear_after_gelu(self.dense, hidden_states)
@@ -246,8 +249,8 @@ def _add_ln_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tenso
 
 
 def _intermediate_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if not plain_linear(self.dense):  # wrapped since optimize (LoRA), or hooked: transformers' dense + GELU
-        return super(type(self), self).forward(hidden_states)
+    if not plain_linear(self.dense) or not unhooked(self.intermediate_act_fn):  # wrapped (LoRA) or hooked since
+        return super(type(self), self).forward(hidden_states)  # optimize: transformers' dense + GELU
     y, h = linear_gelu_with_preact(hidden_states, self.dense.weight, self.dense.bias, approximate=self._fastbert_gelu)
     return tag_preact(y, h, self._fastbert_gelu)
 

@@ -59,15 +59,18 @@ def fused_qkv(query: nn.Module, key: nn.Module, value: nn.Module, x: torch.Tenso
     return F.linear(x, weight, bias).split(query.out_features, dim=-1)
 
 
+def unhooked(*modules: nn.Module) -> bool:
+    """Whether no forward hook would run on any of these modules (none of their own, no global one): a fused path
+    that stands in for a module's call, reading its parameters, must not skip a hook or lose what it changes."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    return not any(isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
 def plain_linear(m: nn.Module) -> bool:
     """Whether ``m(x)`` is ``F.linear(x, m.weight, m.bias)`` and nothing else: an nn.Linear itself (not a wrapper
-    such as a LoRA layer, whose weight may be its base layer's alone) with no forward hook on it or on every module
-    (a hook would not run, or its change would be lost, if the fused path used the weight directly)."""
-    return (
-        type(m) is nn.Linear
-        and not (m._forward_hooks or m._forward_pre_hooks)
-        and not (_global_forward_hooks or _global_forward_pre_hooks)
-    )
+    such as a LoRA layer, whose weight may be its base layer's alone) with no forward hook (unhooked)."""
+    return type(m) is nn.Linear and unhooked(m)
 
 
 def tag_preact(y: torch.Tensor, preact: torch.Tensor | None, approximate: str) -> torch.Tensor:

@@ -670,3 +670,22 @@ def test_autocast_runs_in_autocast_dtype():
     assert out.dtype == torch.float16
     expected = reference.attention(q.half().double(), k.half().double(), v.half().double())
     assert_matches_reference(out, expected, reference.attention(q.half(), k.half(), v.half()), name="out")
+
+
+def test_arguments_of_the_wrong_type_raise_value_errors():
+    """dropout_p, max_seqlen (and add_layer_norm's eps) that are no number raise ValueError naming them, not the
+    TypeError of float(None); max_seqlen must be a finite integer (6.0 and a one-element tensor are)."""
+    from fastbert.ops import add_layer_norm
+
+    q = torch.randn(4, 1, 32, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="dropout_p must be a real number"):
+        attention(q[None], q[None], q[None], dropout_p=None)
+    for bad in (None, float("inf"), 6.5, "6"):
+        with pytest.raises(ValueError, match="max_seqlen must be an integer"):
+            attention_varlen(q, q, q, cu, bad)
+    for fine in (6.0, torch.tensor(4)):
+        torch.testing.assert_close(attention_varlen(q, q, q, cu, fine), attention_varlen(q, q, q, cu, 4))
+    x = torch.randn(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="eps must be a real number"):
+        add_layer_norm(x, x, torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE), None)

@@ -721,6 +721,41 @@ def test_hooks_inside_the_encoder_see_the_padded_layout(monkeypatch, where):
     assert len(unpad) == 2
 
 
+@pytest.mark.parametrize(
+    "part",
+    ["intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", "output.LayerNorm",
+     "attention.output.LayerNorm", "output.dropout"],
+)  # fmt: skip
+def test_a_hook_on_a_module_a_fused_path_stands_in_for_runs_and_its_change_holds(part):
+    """The fused paths call no submodule: they read the Linears' and LayerNorm's parameters. A forward hook
+    registered after optimize on one of those submodules (here one that changes the output) makes that path run
+    transformers' code, so the hook runs and what it returns is used, in training as in eval."""
+    ref, fast = pair(transformers.BertModel, bert_config())
+    ids, mask = batch(lengths=(12, 7, 1))
+    calls = {"ref": 0, "fast": 0}
+
+    def hook(name):
+        def scale(module, args, out):
+            calls[name] += 1
+            return out * 0.5 + 0.25
+
+        return scale
+
+    for name, m in (("ref", ref), ("fast", fast)):
+        for layer in m.encoder.layer:
+            layer.get_submodule(part).register_forward_hook(hook(name))
+        m.train()
+    valid = mask.bool()
+    outs = []
+    for m in (ref, fast):
+        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out[valid] * torch.linspace(-1, 1, 64, device=DEVICE)).sum().backward()
+        outs.append(out[valid])
+    assert calls["fast"] == calls["ref"] == 2
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    _grads_match(fast, ref)
+
+
 def test_unfused_activation_and_head_dim_are_reported():
     _, fast = pair(transformers.BertModel, bert_config(hidden_act="relu"))
     s = fastbert.summary(fast)

@@ -273,7 +273,8 @@ def attention_varlen(
     token t, head h is row ``h · total_tokens + t`` (fastbert.kernels.attention_dropout.dropout_keep_mask).
 
     ``validate`` reads cu_seqlens on the host to check it and max_seqlen against it (one device sync). Pass False
-    only for a cu_seqlens and max_seqlen built by ``unpad`` (fastbert.optimize does, once per forward): wrong
+    only for a cu_seqlens and max_seqlen built by ``unpad`` or from all the tokens as fastbert.optimize does, once
+    per forward (its encoder, for unpadded batches and for sequences packed by position_ids): wrong
     offsets would read out of bounds, a max_seqlen below the longest length leaves rows unwritten. Under
     torch.compile the values are never read (that would break the graph)."""
     dropout_p = check_dropout_p(dropout_p)

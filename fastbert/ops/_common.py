@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import numbers
 import os
 import warnings
@@ -84,7 +85,11 @@ def number(name: str, value, kind: type = float):
         return value
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (kind is int and value != int(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or (kind is int and not (math.isfinite(value) and value == int(value)))
+    ):
         raise ValueError(f"{name} must be a{'n integer' if kind is int else ' real number'}, got {value!r}")
     return kind(value)
 
