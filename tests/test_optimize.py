@@ -410,15 +410,7 @@ def test_feed_forward_linears_wrapped_after_optimize_run_as_themselves():
             layer.intermediate.dense = _LoraLike(layer.intermediate.dense, seed=i)
             layer.output.dense = _LoraLike(layer.output.dense, seed=10 + i)
         m.train()
-    ids, mask = batch()
-    valid = mask.bool()
-    outs = []
-    for m in (ref, fast):
-        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
-        (out[valid] * torch.linspace(-1, 1, 64, device=DEVICE)).sum().backward()
-        outs.append(out[valid])
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
-    _grads_match(fast, ref)
+    _train_step_matches(ref, fast, *batch())
 
 
 @pytest.mark.parametrize(
@@ -595,6 +587,18 @@ def _grads_match(fast, ref):
                                    msg=lambda msg, n=name: f"{n}: {msg}")  # fmt: skip
 
 
+def _train_step_matches(ref, fast, ids, mask):
+    """One forward + backward of each (a fixed linear loss over the real tokens): outputs and gradients match."""
+    valid = mask.bool()
+    outs = []
+    for m in (ref, fast):
+        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out[valid] * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum().backward()
+        outs.append(out[valid])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    _grads_match(fast, ref)
+
+
 def _count(monkeypatch, module, name) -> list:
     """Calls of module.name from here on (each appends its first argument's shape)."""
     calls, real = [], getattr(module, name)
@@ -745,15 +749,8 @@ def test_a_hook_on_a_module_a_fused_path_stands_in_for_runs_and_its_change_holds
         for layer in m.encoder.layer:
             layer.get_submodule(part).register_forward_hook(hook(name))
         m.train()
-    valid = mask.bool()
-    outs = []
-    for m in (ref, fast):
-        out = m(input_ids=ids, attention_mask=mask).last_hidden_state
-        (out[valid] * torch.linspace(-1, 1, 64, device=DEVICE)).sum().backward()
-        outs.append(out[valid])
+    _train_step_matches(ref, fast, ids, mask)
     assert calls["fast"] == calls["ref"] == 2
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
-    _grads_match(fast, ref)
 
 
 def test_unfused_activation_and_head_dim_are_reported():
