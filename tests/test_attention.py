@@ -689,3 +689,24 @@ def test_arguments_of_the_wrong_type_raise_value_errors():
     x = torch.randn(2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="eps must be a real number"):
         add_layer_norm(x, x, torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_more_than_65535_batch_heads_gpu(varlen):
+    """Past CUDA's 65535 grid rows for real: 66535 one-token sequences of one head, whose attention is exact
+    (softmax over one key is 1): out = v, dv = dout, dq = dk = 0 (up to the rounding of dp - delta)."""
+    n = 65535 + 1000
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(n, 1, 32, generator=g).to(DEVICE, torch.float16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if varlen:
+        cu = torch.arange(n + 1, dtype=torch.int32, device=DEVICE)
+        out = attention_varlen(*leaves, cu, 1)
+    else:
+        out = attention(*(t[:, :, None] for t in leaves))[:, :, 0]  # [n, 1 head, 1 token, 32]
+    dq, dk, dv = torch.autograd.grad(out, leaves, do)
+    assert torch.equal(out, v) and torch.equal(dv, do)
+    zero = torch.zeros_like(q)
+    torch.testing.assert_close(dq, zero, rtol=0, atol=1e-3)
+    torch.testing.assert_close(dk, zero, rtol=0, atol=1e-3)
