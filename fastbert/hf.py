@@ -45,6 +45,7 @@ Anything that cannot be accelerated keeps transformers' code, and the summary sa
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 
 import torch
@@ -321,11 +322,14 @@ def _sequences_of_positions(position_ids: torch.Tensor, batch: int, seq: int) ->
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
+_CAPTURING_HOOKS = "transformers.utils.output_capturing"
+
+
 def _foreign_hook(hooks) -> bool:
     # transformers' own output-capturing hooks (installed on the layers once, idle unless capturing: then the
     # encoder does not unpad anyway) are not the caller's
     for hook in hooks.values():
-        if getattr(hook, "__module__", None) != "transformers.utils.output_capturing":
+        if getattr(hook, "__module__", None) != _CAPTURING_HOOKS:
             return True
     return False
 
@@ -334,15 +338,15 @@ def _layers_take_tokens(encoder: nn.Module) -> bool:
     """Whether the layers may run on packed [tokens, hidden] states: no chunked feed-forward (it splits dim 1, the
     sequence of the padded layout), and no hook of the caller's on the layers or anything in them, which would
     see (and could change) packed tensors where it expects [batch, seq, hidden]. (A walk of the module tree on each
-    forward: ~55 us for BERT-base's 216 modules on the 2-core development machine.)"""
+    forward: ~55 us for BERT-base's 216 modules on the 2-core development machine.) A hook that keeps the batch
+    padded is named in a warning, once per encoder: frameworks hook modules too (FSDP, DeepSpeed ZeRO-3)."""
     from torch.nn.modules import module as nn_module
 
-    if any(
-        getattr(nn_module, name, None)
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                     "_global_backward_pre_hooks")
-    ):  # fmt: skip
-        return False
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks"):  # fmt: skip
+        if getattr(nn_module, name, None):
+            _warn_padded(encoder, f"a global module hook (torch.nn.modules.module.{name})")
+            return False
     if any(getattr(layer, "chunk_size_feed_forward", 0) for layer in encoder.layer):
         return False
     stack = list(encoder.layer._modules.values())
@@ -351,12 +355,41 @@ def _layers_take_tokens(encoder: nn.Module) -> bool:
         if module is None:
             continue
         d = module.__dict__
-        if d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
-            return False
-        if d["_forward_hooks"] and _foreign_hook(d["_forward_hooks"]):
+        if (
+            d["_forward_pre_hooks"]
+            or d["_backward_hooks"]
+            or d["_backward_pre_hooks"]
+            or (d["_forward_hooks"] and _foreign_hook(d["_forward_hooks"]))
+        ):
+            _warn_padded(encoder, module)
             return False
         stack.extend(d["_modules"].values())
     return True
+
+
+def _warn_padded(encoder: nn.Module, where) -> None:
+    """The one warning (per encoder) that a hook keeps its batches padded: correct, but the padding is computed.
+    where: the module a hook is on, or words for a global hook."""
+    if encoder.__dict__.get("_fastbert_warned_padded"):
+        return
+    encoder.__dict__["_fastbert_warned_padded"] = True
+    if isinstance(where, nn.Module):
+        name = next((n for n, m in encoder.layer.named_modules() if m is where), type(where).__name__)
+        d = where.__dict__
+        kind = next(k for k in ("_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_forward_hooks")
+                    if d[k] and (k != "_forward_hooks" or _foreign_hook(d[k])))  # fmt: skip
+        hooks = list(d[kind].values())
+        hook = next((h for h in hooks if getattr(h, "__module__", None) != _CAPTURING_HOOKS), hooks[0])
+        what = getattr(hook, "__qualname__", type(hook).__name__)
+        where = f"a {kind.strip('_').replace('_', ' ')[:-1]} ({what}) on encoder.layer.{name}"
+    warnings.warn(
+        f"fastbert: {where} keeps this encoder's batches padded: while hooks that could see its layers' tensors "
+        "are registered it does not unpad, so that they see [batch, seq, hidden] as without fastbert. Results are "
+        "unchanged; the padding tokens are computed. (FSDP and DeepSpeed ZeRO-3 hook modules too.) Warned once "
+        "per encoder.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- masked-LM loss

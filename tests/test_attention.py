@@ -672,6 +672,25 @@ def test_autocast_runs_in_autocast_dtype():
     assert_matches_reference(out, expected, reference.attention(q.half(), k.half(), v.half()), name="out")
 
 
+def test_autocast_casts_mixed_dtypes_as_sdpa_does():
+    """Under autocast q, k and v of different dtypes are all cast to autocast's (as F.scaled_dot_product_attention
+    casts them); outside it they must share one."""
+    q, k, v, _ = make_inputs(1, 2, 17, 32, torch.float32)
+    k16 = k.half()
+    with pytest.raises(ValueError, match="one dtype"):
+        attention(q, k16, v)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = attention(q, k16, v)
+        flat = [t[0].transpose(0, 1) for t in (q, k16, v)]  # [seq, heads, head_dim]
+        cu = torch.tensor([0, 17], dtype=torch.int32, device=DEVICE)
+        out_varlen = attention_varlen(*flat, cu, 17)
+    assert out.dtype == out_varlen.dtype == torch.float16
+    expected = reference.attention(q.half().double(), k16.double(), v.half().double())
+    eager = reference.attention(q.half(), k16, v.half())
+    assert_matches_reference(out, expected, eager, name="out")
+    assert_matches_reference(out_varlen, expected[0].transpose(0, 1), eager[0].transpose(0, 1), name="varlen out")
+
+
 def test_arguments_of_the_wrong_type_raise_value_errors():
     """dropout_p, max_seqlen (and add_layer_norm's eps) that are no number raise ValueError naming them, not the
     TypeError of float(None); max_seqlen must be a finite integer (6.0 and a one-element tensor are)."""

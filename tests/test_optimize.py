@@ -5,6 +5,7 @@ public modules. Interpreter-sized configs (2 layers, hidden 64); GPU-only checks
 import copy
 import importlib
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -708,10 +709,21 @@ def test_hooks_inside_the_encoder_see_the_padded_layout(monkeypatch, where):
     else:
         handle = torch.nn.modules.module.register_module_forward_hook(
             lambda m, a, o: shapes.append(tuple(o.shape)) if m is fast.encoder.layer[1] else None)  # fmt: skip
+    named = {
+        "layer": "forward hook (.*) on encoder.layer.1",
+        "backward": "backward hook (.*) on encoder.layer.0",
+        "feed_forward_dense": "encoder.layer.0.intermediate.dense",
+        "global": "global module hook .*",
+    }[where]
     try:
         fast.train()
-        out = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        with pytest.warns(UserWarning, match=f"{named} keeps this encoder's batches padded"):
+            out = fast(input_ids=ids, attention_mask=mask).last_hidden_state
         out.sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per encoder
+            with torch.no_grad():
+                fast(input_ids=ids, attention_mask=mask)
         with torch.no_grad():
             b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:

@@ -143,7 +143,8 @@ def _check_qkv(q, k, v, dims: int, layout: str) -> None:
         if t.dim() != dims:
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
     check_same_device(q=q, k=k, v=v)
-    if not q.dtype == k.dtype == v.dtype:
+    # (under torch.autocast all three are cast to its dtype, as scaled_dot_product_attention's are: see _autocast)
+    if not q.dtype == k.dtype == v.dtype and not torch.is_autocast_enabled(q.device.type):
         raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
