@@ -43,7 +43,8 @@ brief)
 tests)
   # In parallel (kernel compilation dominates), without the compile gate (CI runs it on the CPU); SIGINT at the
   # limit still prints pytest's summary of what ran. One call did not finish the suite on 2026-11-25 (235 tests
-  # in 6 minutes on 14 workers): run the remaining files in a second call (pytest ... tests/test_<name>.py).
+  # in 6 minutes on 14 workers, tiny tests taking 100-130 s: each worker had started its own compile gate on
+  # every core, deselected or not; fixed 2026-12-07): run the remaining files in a second call if need be.
   files=("${@:2}")
   [ ${#files[@]} -gt 0 ] || files=(tests)
   timeout -s INT 540 python3 -m pytest -q -n 14 -p no:cacheprovider -rfE --tb=short --durations=20 \

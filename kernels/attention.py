@@ -94,7 +94,8 @@ _HALF = ("fp16", "bf16")
 # out a whole L2 / HBM round trip; with 3 the copies are issued an iteration earlier and the wait leaves the
 # newest in flight (wait_group 2). In the sm_90 compile 3 stages cost the 16-bit forward and dq at head_dim 32 / 64
 # no instruction in their loops and keep them at <= 128 registers (two 8-warp blocks an SM) under Triton 3.9 and
-# 3.6, for 8-16 KB more shared memory a block; on sm_80 their loops grow 3-8%. dk/dv stays at 2: with 3, Triton
+# 3.6 (one exception under 3.6, the device's: dq at head_dim 64 without dropout takes 147, one block an SM), for
+# 8-16 KB more shared memory a block; on sm_80 their loops grow 3-8%. dk/dv stays at 2: with 3, Triton
 # 3.6's masked loops grew 12-26% (with dropout it runs 1: see its table). At head_dim 128, 2 stages take the
 # forward past 128 registers (and spill on sm_80), so it keeps 1; dq and the dropout dk/dv are better with 2 in
 # both Tritons (dq: 126-171 registers from 164-252, 3-8% fewer instructions). Chosen from the compile

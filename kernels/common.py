@@ -30,6 +30,16 @@ def autotune_pinned() -> bool:
     return os.environ.get(AUTOTUNE_ENV) == "0" or torch.are_deterministic_algorithms_enabled()
 
 
+def launch_untimed(autotuned, grid, config, *args, **kwargs) -> None:
+    """Launch a ``triton.autotune`` kernel with ``config`` (its default), past its Autotuner: nothing is timed.
+    For tuning pinned (autotune_pinned), where Triton 3.6's Autotuner still times a list pruned to one config
+    (3.9 skips that), and for a CUDA graph being captured, where timing cannot run (it synchronises) and an
+    untuned key would start it. The launch is the Autotuner's own: the config's pre_hook, then its kwargs."""
+    if config.pre_hook is not None:
+        config.pre_hook(dict(zip(autotuned.arg_names, args, strict=False)) | kwargs | config.all_kwargs())
+    autotuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
 @functools.cache
 def _poison() -> bool:
     return os.environ.get("FASTBERT_POISON") == "1"

@@ -13,8 +13,11 @@ themselves. The kernels here read the logits as they are (any float dtype, math 
 
 so the forward reads the logits once and keeps only lse (4 bytes a row), and the backward reads them once more and
 writes their gradient in their own dtype. Rows whose label is ignored have a zero gradient (in real masked-LM
-batches ~85% of the rows): the backward can compute the labelled rows' alone, compactly (GATHER, rows listed by
+batches ~85% of the rows): the backward can compute the labelled rows' alone, compactly (gather, rows listed by
 index), so that the decoder's gradient GEMMs run over those rows only; otherwise ignored rows skip their loads.
+``gather`` is a runtime argument, not a constexpr: both forms are one compiled kernel, so a CUDA graph captured
+after an eager warm-up that ran the other form (the graph cannot count the labelled rows: it takes every row)
+finds the kernel loaded; loading a module during capture fails.
 
 The logits have a padded row stride (a multiple of 64; fastbert.ops.linear_cross_entropy pads the vocabulary of
 its GEMM so: cuBLAS takes its slower sm_80 kernels for an odd leading dimension such as 30522). Columns past the
@@ -47,7 +50,7 @@ NUM_WARPS = 8
 BLOCK_MEAN = 1024
 _LOG2E = tl.constexpr(1.4426950408889634)
 
-_RUNTIME_ARGS = ["stride_row", "M", "V", "ignore_index"]
+_RUNTIME_ARGS = ["stride_row", "M", "V", "ignore_index", "gather"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -123,16 +126,16 @@ def _cross_entropy_bwd_kernel(
     dloss_ptr,  # [1]: the gradient of the mean loss
     inv_count_ptr,  # [1] fp32, from the mean kernel
     dlogits_ptr,  # [programs, stride_row] out, logits' dtype: every column written (zeros past V)
-    rows_ptr,  # [programs] int64 with GATHER: the row of the logits each program's output row is the gradient of
+    rows_ptr,  # [programs] int64 with gather: the row of the logits each program's output row is the gradient of
     stride_row,
     M,
     V,
     ignore_index,
+    gather,  # nonzero: the gradient of the rows in rows_ptr only (compact); 0: of every row (rows_ptr not read)
     BLOCK_V: tl.constexpr,
-    GATHER: tl.constexpr,  # the gradient of the rows in rows_ptr only (compact); else of every row
 ):
     pid = tl.program_id(0)
-    if GATHER:
+    if gather != 0:
         row = tl.load(rows_ptr + pid)
     else:
         row = pid.to(tl.int64)
@@ -212,8 +215,8 @@ def cross_entropy_bwd(
         dloss = aligned_base(dloss.reshape(1))
         rows = aligned_base(rows) if gather else labels  # (labels: an int64 stand-in, not read)
         _cross_entropy_bwd_kernel[(programs,)](
-            logits, labels, lse, dloss, inv_count, dlogits, rows, vp, M, v, ignore_index,
-            BLOCK_V=block_v, GATHER=gather, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
+            logits, labels, lse, dloss, inv_count, dlogits, rows, vp, M, v, ignore_index, int(gather),
+            BLOCK_V=block_v, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return dlogits
 
@@ -231,14 +234,13 @@ def gate_cases() -> list[GateCase]:
              "stride_row": "i32", "M": "i32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"},
             {"BLOCK_V": BLOCK_V}, NUM_WARPS, vector_loads=True,
         ))  # fmt: skip
-        for gather in (False, True):
-            cases.append(GateCase(
-                f"cross_entropy_bwd-{dt}{'-gather' if gather else ''}", _cross_entropy_bwd_kernel,
-                {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "dloss_ptr": "*fp32",
-                 "inv_count_ptr": "*fp32", "dlogits_ptr": f"*{dt}", "rows_ptr": "*i64", "stride_row": "i32",
-                 "M": "i32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr", "GATHER": "constexpr"},
-                {"BLOCK_V": BLOCK_V, "GATHER": gather}, NUM_WARPS, vector_loads=True,
-            ))  # fmt: skip
+        cases.append(GateCase(
+            f"cross_entropy_bwd-{dt}", _cross_entropy_bwd_kernel,
+            {"logits_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "dloss_ptr": "*fp32",
+             "inv_count_ptr": "*fp32", "dlogits_ptr": f"*{dt}", "rows_ptr": "*i64", "stride_row": "i32",
+             "M": "i32", "V": "i32", "ignore_index": "i32", "gather": "i32", "BLOCK_V": "constexpr"},
+            {"BLOCK_V": BLOCK_V}, NUM_WARPS, vector_loads=True,
+        ))  # fmt: skip
     cases.append(GateCase(
         "cross_entropy_mean", _cross_entropy_mean_kernel,
         {"row_loss_ptr": "*fp32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "inv_count_ptr": "*fp32", "M": "i32",

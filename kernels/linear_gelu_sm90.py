@@ -29,6 +29,7 @@ from fastbert.kernels.common import (
     GateCase,
     cdiv,
     interpreting,
+    launch_untimed,
     pointer_args,
     sm_count,
 )
@@ -130,9 +131,11 @@ def linear_gelu_fwd_sm90(
     approximate: str,
     store_preact: bool,
     m_bucket: int,
+    untimed: bool = False,
 ) -> None:
     """Writes y (and h when store_preact) for x2d [M, K] and weight [N, K], both with 16-byte aligned bases and
-    row strides that are multiples of 8 elements; bias [N] (zeros when the layer has none)."""
+    row strides that are multiples of 8 elements; bias [N] (zeros when the layer has none). untimed: the default
+    config, past the autotuner (see linear_gelu.linear_gelu_fwd)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = x2d.shape
@@ -148,10 +151,13 @@ def linear_gelu_fwd_sm90(
     def grid(meta):
         return (min(sms * meta["PROGRAMS_PER_SM"], cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
-    _linear_gelu_fwd_sm90_kernel[grid](
-        x_desc, w_desc, bias, y, h, M, N, K, m_bucket,
-        APPROX=_APPROX[approximate], STORE_PREACT=store_preact, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    args = (x_desc, w_desc, bias, y, h, M, N, K, m_bucket)
+    kwargs = dict(APPROX=_APPROX[approximate], STORE_PREACT=store_preact, enable_fp_fusion=FP_FUSION)
+    if untimed:
+        default = (INTERPRETER_CONFIGS if interpreting() else CONFIGS)[0]
+        launch_untimed(_linear_gelu_fwd_sm90_kernel, grid, default, *args, **kwargs)
+    else:
+        _linear_gelu_fwd_sm90_kernel[grid](*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- compile gate

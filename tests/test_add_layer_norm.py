@@ -252,12 +252,13 @@ def test_bad_input_raises_value_error(case, message):
 def test_opcheck():
     x, r, w, b, _ = make_inputs((3, 48), torch.float32)
     x.requires_grad_()
-    args = (x, r, w, b, 1e-12, 0.0, torch.zeros(1, dtype=torch.int64), False)
+    args = (x, r, w, b, 1e-12, 0.0, torch.zeros(1, dtype=torch.int64, device=DEVICE), False)
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
-    args = (x, r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64), False)
+    args = (x, r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64, device=DEVICE), False)
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
     # autocast's mix: half x, fp32 residual, the sum stored for the backward
-    args = (x.detach().half().requires_grad_(), r, w, b, 1e-12, 0.25, torch.tensor([5], dtype=torch.int64), True)
+    five = torch.tensor([5], dtype=torch.int64, device=DEVICE)
+    args = (x.detach().half().requires_grad_(), r, w, b, 1e-12, 0.25, five, True)
     torch.library.opcheck(torch.ops.fastbert.add_layer_norm_fwd.default, args)
 
 

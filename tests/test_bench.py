@@ -10,24 +10,13 @@ import sys
 import pytest
 import torch
 
+from conftest import interpreter_breaks_on_numpy
 from fastbert import cli
 
 pytest.importorskip("transformers")
 
 
-def _interpreter_breaks_on_numpy() -> bool:
-    """Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which numpy 2.5
-    rejects (3.9's squeezes first): every kernel with a runtime loop bound fails there (the H100 image has both)."""
-    import inspect
-
-    import numpy
-    import triton.runtime.interpreter as interpreter
-
-    new_numpy = numpy.lib.NumpyVersion(numpy.__version__) >= "2.5.0"
-    return new_numpy and "int(self.handle.data))" in inspect.getsource(interpreter)
-
-
-@pytest.mark.skipif(_interpreter_breaks_on_numpy(), reason="Triton's interpreter fails with this numpy (see above)")
+@pytest.mark.skipif(interpreter_breaks_on_numpy(), reason="Triton's interpreter fails with this numpy (conftest)")
 def test_dry_run_writes_results(tmp_path):
     # A fresh process, as a user runs it: the dry run needs Triton's interpreter, which Triton picks when the
     # kernels are first imported (on a GPU machine this test process has compiled kernels already). Started in the

@@ -366,3 +366,22 @@ def test_linear_cross_entropy_autocast_launches_are_gated():
             _, loss = ops.linear_cross_entropy(x, weight, None, labels)
         loss.backward()
     assert_covered(launches)
+
+
+def test_cross_entropy_backward_is_one_kernel_with_and_without_gather():
+    """The backward over the labelled rows alone (gather: eager, with ignored labels) and over every row (a batch
+    labelled throughout, or a CUDA graph, which cannot count the labelled rows) launch one compiled kernel, so a
+    graph captured after an eager warm-up finds it loaded (loading a module during capture fails)."""
+    specs = []
+    for every_row in (False, True):
+        x = _rand(7, 32, dtype=torch.float16).requires_grad_()
+        weight = _rand(100, 32, dtype=torch.float16).requires_grad_()
+        labels = torch.randint(0, 100, (7,))
+        if not every_row:
+            labels[1::2] = -100
+        with captured_launches() as launches:
+            _, loss = ops.linear_cross_entropy(x, weight, None, labels)
+            loss.backward()
+        (bwd,) = [launch for launch in launches if launch.name == "_cross_entropy_bwd_kernel"]
+        specs.append((bwd.constexprs, bwd.runtime, bwd.num_warps))
+    assert specs[0] == specs[1], specs

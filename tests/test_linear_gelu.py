@@ -3,6 +3,8 @@
 3-D inputs, autocast, bad input, and BERT shapes on GPU (fp16, bf16)."""
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -405,6 +407,54 @@ def test_fp32_gpu(tf32):
     assert err <= 2 * eager_err + 2.0**-10 * max(1.0, ref.abs().max().item()), (err, eager_err)
 
 
+@pytest.mark.parametrize(
+    "setting, tf32",
+    [("", False), ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+     ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+     ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False), ("torch.backends.fp32_precision = 'tf32'", True),
+     ("torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cuda.matmul.fp32_precision = 'tf32'", True)],
+)  # fmt: skip
+def test_fp32_follows_either_tf32_api(tmp_path, setting, tf32):
+    """fp32 inputs use TF32 as F.linear does, set through the legacy flag or torch >= 2.9's fp32_precision (after
+    which reading the legacy flag raises). A fresh process each: once mixed, the two APIs stay mixed."""
+    if "fp32_precision" in setting and not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    code = f"import torch; {setting}\nfrom fastbert.kernels.linear_gelu import tf32_matmul; print(tf32_matmul())"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == str(tf32)
+
+
+@pytest.mark.parametrize("case", ["timed", "pinned", "fp32", "capturing-untuned", "capturing-tuned"])
+def test_the_autotuner_runs_only_where_it_may_time(monkeypatch, case):
+    """The forward's autotuner (which times its configs on a shape's first call) is passed by, for the default
+    config launched directly, where timing must not run: tuning pinned (Triton 3.6 times even one config), fp32
+    (one config), and a shape first met during CUDA-graph capture (timing synchronises; the capture would fail).
+    A shape tuned before capture keeps its tuned config in the graph."""
+    from triton.runtime.autotuner import Autotuner
+
+    from fastbert.kernels import linear_gelu as lg
+
+    calls = []
+    real = Autotuner.run
+    spy = lambda self, *a, **kw: (calls.append(self.fn.__name__), real(self, *a, **kw))[1]
+    monkeypatch.setattr(Autotuner, "run", spy)
+    monkeypatch.setattr(lg, "_TUNED", set())
+    monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
+    if case == "pinned":
+        monkeypatch.setenv("FASTBERT_AUTOTUNE", "0")
+    x, w, b, _ = make_inputs((7,), 16, 32, torch.float32 if case == "fp32" else torch.float16)
+    if case == "capturing-tuned":
+        linear_gelu(x, w, b)  # an eager call tunes the shape
+    calls.clear()
+    if case.startswith("capturing"):
+        monkeypatch.setattr(lg, "_capturing", lambda t: True)
+    y = linear_gelu(x, w, b)
+    expected = reference.linear_gelu(x.double(), w.double(), b.double())
+    assert_matches_reference(y, expected, reference.linear_gelu(x, w, b))
+    assert calls == (["_linear_gelu_fwd_kernel"] if case in ("timed", "capturing-tuned") else []), calls
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs one config; on a GPU the autotuner may pick either")
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -435,15 +485,22 @@ def test_epilogue_in_halves_matches_whole(m, n, dtype, approximate):
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("m, kn", [(1, (24, 40)), (7, (64, 48)), (130, (16, 32))], ids=["m1", "m7", "m130"])
-def test_sm90_forward_matches_reference(monkeypatch, m, kn, approximate):
+@pytest.mark.parametrize(
+    "m, kn, pinned",
+    [(1, (24, 40), False), (7, (64, 48), True), (130, (16, 32), False)],
+    ids=["m1", "m7-pinned", "m130"],
+)
+def test_sm90_forward_matches_reference(monkeypatch, m, kn, pinned, approximate):
     """The Hopper forward (TMA descriptors, persistent grid), forced on: in the interpreter here, on sm_90 GPUs
-    there. Output and every gradient (the backward reads the pre-activation it stored)."""
+    there. Output and every gradient (the backward reads the pre-activation it stored). Pinned: the default config
+    launched past the autotuner (its pre_hook sets the descriptors' block shapes)."""
     from fastbert.kernels import linear_gelu as lg
 
     if HAS_CUDA and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA kernel runs on sm_90 only")
     monkeypatch.setenv(lg.SM90_ENV, "1")
+    if pinned:
+        monkeypatch.setenv("FASTBERT_AUTOTUNE", "0")
     dtypes = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
     for dtype in dtypes:
         check_against_reference(*make_inputs((m,), *kn, dtype), approximate=approximate)

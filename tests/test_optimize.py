@@ -1003,6 +1003,31 @@ def test_gpu_bert_base_half_and_autocast(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_padded_inference_in_a_cuda_graph_matches():
+    """An optimized model's forward captured in a CUDA graph after an eager warm-up, as fastbert bench's
+    fastbert+cudagraph provider does (fastbert.bench._graphed): the warm-up unpads (116 tokens), the graph runs
+    the padded batch with its mask (256 rows), so linear_gelu meets a row count it has not tuned, during capture
+    (where nothing may be timed, and no kernel compiled: a feature width of this test's own keeps the shapes
+    new). The replay matches the eager model on every real token."""
+    from fastbert.bench import _graphed
+
+    cfg = bert_config(hidden_size=64, intermediate_size=328, max_position_embeddings=64)
+    ref, fast = pair(transformers.BertModel, cfg)
+    ref, fast = ref.half(), fast.half()
+    ids, mask = batch(B=4, S=64, lengths=(64, 40, 9, 3), vocab=300)
+    replay = _graphed(fast, ids, mask)
+    out = replay().clone()
+    with torch.no_grad():
+        expected = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        eager = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        exact = ref.float()(input_ids=ids, attention_mask=mask).last_hidden_state.double()  # (the half weights)
+    valid = mask.bool()
+    assert_matches_reference(out[valid], exact[valid], eager[valid], name="graph replay")
+    assert_matches_reference(expected[valid], exact[valid], eager[valid], name="eager fastbert")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_training_step_in_a_cuda_graph():
     """A whole BertForPreTraining training step of an optimized model (forward with the fused masked-LM loss,
     backward, AdamW) captured in one CUDA graph, as fastbert bench's fastbert+cudagraph provider does
