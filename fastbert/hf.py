@@ -342,13 +342,13 @@ def _layers_take_tokens(encoder: nn.Module) -> bool:
     padded is named in a warning, once per encoder: frameworks hook modules too (FSDP, DeepSpeed ZeRO-3)."""
     from torch.nn.modules import module as nn_module
 
+    if any(getattr(layer, "chunk_size_feed_forward", 0) for layer in encoder.layer):
+        return False
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks"):  # fmt: skip
         if getattr(nn_module, name, None):
             _warn_padded(encoder, f"a global module hook (torch.nn.modules.module.{name})")
             return False
-    if any(getattr(layer, "chunk_size_feed_forward", 0) for layer in encoder.layer):
-        return False
     stack = list(encoder.layer._modules.values())
     while stack:
         module = stack.pop()

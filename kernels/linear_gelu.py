@@ -1,7 +1,7 @@
 """Fused Linear + GELU: ``y = gelu(x @ weight.T + bias)``, what BERT's ``BertIntermediate`` does.
 
 x [M, K], weight [N, K] (nn.Linear layout), bias [N]. Forward, one tiled GEMM with fp32 accumulation (tl.dot:
-tensor cores for fp16 / bf16, TF32 or IEEE fp32 for float32 as torch.backends.cuda.matmul.allow_tf32 says) whose
+tensor cores for fp16 / bf16, TF32 or IEEE fp32 for float32 as PyTorch's fp32 matmuls: tf32_matmul) whose
 epilogue adds the bias and applies GELU before a single store:
 
     h = x @ weight.T + bias                                   (fp32 accumulator)
@@ -404,36 +404,54 @@ def linear_gelu_fwd(
     bucket = m_bucket(M)
     key = (bucket, N, K, x2d.dtype, approximate, store_preact, x2d.device)
     fp32 = x2d.dtype == torch.float32
-    # Launched past the autotuners (their default config, untimed): while tuning is pinned (bucket 0), for fp32
-    # (one config: Triton 3.6 would time it all the same), and for a shape first met while a CUDA graph is
-    # captured (timing cannot run then: the graph keeps the default, loaded when an eager call timed every config).
-    untimed = bucket == 0 or fp32 or (key not in _TUNED and _capturing(x2d))
+    from fastbert.kernels import linear_gelu_sm90
 
-    def portable():
+    def portable(config=None):
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         args = (x2d, weight, bias, y, h_out, M, N, K, x2d.stride(0), weight.stride(0), bucket)
         kwargs = dict(APPROX=_APPROX[approximate], STORE_PREACT=store_preact,
                       INPUT_PRECISION=_input_precision(x2d.dtype), enable_fp_fusion=FP_FUSION)  # fmt: skip
-        if untimed:
-            default = (INTERPRETER_CONFIGS if interpreting() else FP32_CONFIGS if fp32 else HALF_CONFIGS)[0]
-            launch_untimed(_linear_gelu_fwd_kernel, grid, default, *args, **kwargs)
-        else:
+        if config is None:
             _linear_gelu_fwd_kernel[grid](*args, **kwargs)
+        else:
+            launch_untimed(_linear_gelu_fwd_kernel, grid, config, *args, **kwargs)
 
-    def hopper():
-        from fastbert.kernels import linear_gelu_sm90
-
+    def hopper(config=None):
         linear_gelu_sm90.linear_gelu_fwd_sm90(x2d, weight, bias, y, h_out, approximate, store_preact, bucket,
-                                              untimed)  # fmt: skip
+                                              config)  # fmt: skip
 
-    (hopper if _use_sm90(x2d, key, hopper, portable) else portable)()
-    if not untimed:
-        _TUNED.add(key)
+    sm90 = _use_sm90(x2d, key, hopper, portable)
+    # Launched past the autotuners, untimed: while tuning is pinned (bucket 0) and for fp32 (one config, which
+    # Triton 3.6 would time all the same), their default; for a shape first met while a CUDA graph is captured
+    # (timing cannot run then), the config this kernel last ran at the same features (loaded: a kernel must not be
+    # loaded during capture either), else the default.
+    default = INTERPRETER_CONFIGS[0] if interpreting() else (FP32_CONFIGS if fp32 else HALF_CONFIGS)[0]
+    if sm90:
+        default = linear_gelu_sm90.default_config()
+    config = None
+    if bucket == 0 or fp32:
+        config = default
+    elif (key, sm90) not in _TUNED and _capturing(x2d):
+        config = _RAN.get((key[1:], sm90), default)
+    (hopper if sm90 else portable)(config)
+    if config is None:
+        _tuned(key, sm90)
     return y, h
 
 
-# The call shapes (linear_gelu_fwd's keys) whose autotuners have timed their configs.
+# Which autotuner (sm90 or not) has timed its configs for which call shape (linear_gelu_fwd's keys), and the config
+# each last ran at a shape's features (the key without its row bucket).
 _TUNED: set[tuple] = set()
+_RAN: dict[tuple, triton.Config] = {}
+
+
+def _tuned(key: tuple, sm90: bool) -> None:
+    """Record that the autotuner of one kernel (the TMA one when sm90) has just run at this key."""
+    from fastbert.kernels import linear_gelu_sm90
+
+    _TUNED.add((key, sm90))
+    autotuner = linear_gelu_sm90._linear_gelu_fwd_sm90_kernel if sm90 else _linear_gelu_fwd_kernel
+    _RAN[(key[1:], sm90)] = autotuner.best_config
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -463,7 +481,9 @@ def _use_sm90(x2d: torch.Tensor, key: tuple, hopper, portable) -> bool:
         if torch.cuda.is_current_stream_capturing():
             return False
         hopper_ms = triton.testing.do_bench(hopper, warmup=10, rep=40)
+        _tuned(key, True)
         portable_ms = triton.testing.do_bench(portable, warmup=10, rep=40)
+        _tuned(key, False)
         _SM90_CHOICE[key] = hopper_ms < portable_ms
     return _SM90_CHOICE[key]
 

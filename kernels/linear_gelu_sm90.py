@@ -64,6 +64,11 @@ CONFIGS = (
 INTERPRETER_CONFIGS = (_config(32, 32, 32, 4, 1),)
 
 
+def default_config() -> triton.Config:
+    """The config the autotuner keeps while tuning is pinned (see _prune)."""
+    return (INTERPRETER_CONFIGS if interpreting() else CONFIGS)[0]
+
+
 def _prune(configs, named_args, **kwargs):
     """The pinned key (M_BUCKET 0, linear_gelu.m_bucket) keeps the first config, the default."""
     return configs[:1] if named_args["M_BUCKET"] == 0 else configs
@@ -131,11 +136,11 @@ def linear_gelu_fwd_sm90(
     approximate: str,
     store_preact: bool,
     m_bucket: int,
-    untimed: bool = False,
+    config: triton.Config | None = None,
 ) -> None:
     """Writes y (and h when store_preact) for x2d [M, K] and weight [N, K], both with 16-byte aligned bases and
-    row strides that are multiples of 8 elements; bias [N] (zeros when the layer has none). untimed: the default
-    config, past the autotuner (see linear_gelu.linear_gelu_fwd)."""
+    row strides that are multiples of 8 elements; bias [N] (zeros when the layer has none). config: launched with
+    this one, past the autotuner (see linear_gelu.linear_gelu_fwd); None: the autotuner's."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     M, K = x2d.shape
@@ -153,11 +158,10 @@ def linear_gelu_fwd_sm90(
 
     args = (x_desc, w_desc, bias, y, h, M, N, K, m_bucket)
     kwargs = dict(APPROX=_APPROX[approximate], STORE_PREACT=store_preact, enable_fp_fusion=FP_FUSION)
-    if untimed:
-        default = (INTERPRETER_CONFIGS if interpreting() else CONFIGS)[0]
-        launch_untimed(_linear_gelu_fwd_sm90_kernel, grid, default, *args, **kwargs)
-    else:
+    if config is None:
         _linear_gelu_fwd_sm90_kernel[grid](*args, **kwargs)
+    else:
+        launch_untimed(_linear_gelu_fwd_sm90_kernel, grid, config, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- compile gate

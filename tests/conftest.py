@@ -122,7 +122,8 @@ def gate_results() -> list[dict]:
     """Wait for the compile gate's subprocess and return its results (one dict per kernel case and arch)."""
     if "results" not in _GATE:
         if "proc" not in _GATE:
-            _start_gate(jobs=os.cpu_count() or 1)
+            # (an xdist worker's share of the cores: each worker that runs a gate test compiles its own)
+            _start_gate(jobs=max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
         log, _ = _GATE["proc"].communicate()
         if _GATE["proc"].returncode != 0:
             raise RuntimeError(f"the compile gate failed to run:\n{log[-6000:]}")

@@ -425,27 +425,42 @@ def test_fp32_follows_either_tf32_api(tmp_path, setting, tf32):
     assert run.stdout.split()[-1] == str(tf32)
 
 
-@pytest.mark.parametrize("case", ["timed", "pinned", "fp32", "capturing-untuned", "capturing-tuned"])
+@pytest.mark.parametrize(
+    "case", ["timed", "pinned", "fp32", "capturing-untuned", "capturing-tuned", "capturing-tuned-at-other-rows"]
+)
 def test_the_autotuner_runs_only_where_it_may_time(monkeypatch, case):
-    """The forward's autotuner (which times its configs on a shape's first call) is passed by, for the default
-    config launched directly, where timing must not run: tuning pinned (Triton 3.6 times even one config), fp32
-    (one config), and a shape first met during CUDA-graph capture (timing synchronises; the capture would fail).
-    A shape tuned before capture keeps its tuned config in the graph."""
+    """The forward's autotuner (which times its configs on a shape's first call) is passed by, for a config
+    launched directly, where timing must not run: tuning pinned (Triton 3.6 times even one config), fp32 (one
+    config), and a shape first met during CUDA-graph capture (timing synchronises; the capture would fail). There
+    the graph takes the config the kernel last ran at the same features (loaded: loading one in a capture fails
+    too), or the default. A shape tuned before capture keeps its tuned config in the graph."""
     from triton.runtime.autotuner import Autotuner
 
+    from fastbert.kernels import common
     from fastbert.kernels import linear_gelu as lg
 
-    calls = []
+    calls, direct = [], []
     real = Autotuner.run
     spy = lambda self, *a, **kw: (calls.append(self.fn.__name__), real(self, *a, **kw))[1]
     monkeypatch.setattr(Autotuner, "run", spy)
-    monkeypatch.setattr(lg, "_TUNED", set())
+
+    def direct_spy(kernel, grid, config, *args, **kwargs):
+        direct.append(config)
+        common.launch_untimed(kernel, grid, config, *args, **kwargs)
+
+    monkeypatch.setattr(lg, "launch_untimed", direct_spy)
+    for name in ("_TUNED", "_RAN", "_SM90_CHOICE"):
+        monkeypatch.setattr(lg, name, type(getattr(lg, name))())
+    monkeypatch.setenv(lg.SM90_ENV, "0")  # (on Hopper the choice between the two kernels times both)
     monkeypatch.delenv("FASTBERT_AUTOTUNE", raising=False)
     if case == "pinned":
         monkeypatch.setenv("FASTBERT_AUTOTUNE", "0")
-    x, w, b, _ = make_inputs((7,), 16, 32, torch.float32 if case == "fp32" else torch.float16)
-    if case == "capturing-tuned":
-        linear_gelu(x, w, b)  # an eager call tunes the shape
+    dtype = torch.float32 if case == "fp32" else torch.float16
+    rows = 130 if case == "capturing-tuned-at-other-rows" else 7
+    x, w, b, _ = make_inputs((rows,), 16, 32, dtype)
+    if case.startswith("capturing-tuned"):
+        linear_gelu(x[:7], w, b)  # an eager call tunes the features (at 7 rows)
+        assert calls and not direct
     calls.clear()
     if case.startswith("capturing"):
         monkeypatch.setattr(lg, "_capturing", lambda t: True)
@@ -453,6 +468,10 @@ def test_the_autotuner_runs_only_where_it_may_time(monkeypatch, case):
     expected = reference.linear_gelu(x.double(), w.double(), b.double())
     assert_matches_reference(y, expected, reference.linear_gelu(x, w, b))
     assert calls == (["_linear_gelu_fwd_kernel"] if case in ("timed", "capturing-tuned") else []), calls
+    if case == "capturing-tuned-at-other-rows":
+        assert direct == [lg._linear_gelu_fwd_kernel.best_config]  # what the 7-row call ran
+    elif not calls:
+        assert len(direct) == 1 and direct[0] in lg._linear_gelu_fwd_kernel.configs
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs one config; on a GPU the autotuner may pick either")
