@@ -404,19 +404,22 @@ def linear_gelu_fwd(
     bucket = m_bucket(M)
     key = (bucket, N, K, x2d.dtype, approximate, store_preact, x2d.device)
     fp32 = x2d.dtype == torch.float32
-    from fastbert.kernels import linear_gelu_sm90
 
     def portable(config=None):
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-        args = (x2d, weight, bias, y, h_out, M, N, K, x2d.stride(0), weight.stride(0), bucket)
-        kwargs = dict(APPROX=_APPROX[approximate], STORE_PREACT=store_preact,
-                      INPUT_PRECISION=_input_precision(x2d.dtype), enable_fp_fusion=FP_FUSION)  # fmt: skip
         if config is None:
-            _linear_gelu_fwd_kernel[grid](*args, **kwargs)
+            launch = _linear_gelu_fwd_kernel[grid]
         else:
-            launch_untimed(_linear_gelu_fwd_kernel, grid, config, *args, **kwargs)
+            launch = lambda *args, **kwargs: launch_untimed(_linear_gelu_fwd_kernel, grid, config, *args, **kwargs)
+        launch(
+            x2d, weight, bias, y, h_out, M, N, K, x2d.stride(0), weight.stride(0), bucket,
+            APPROX=_APPROX[approximate], STORE_PREACT=store_preact, INPUT_PRECISION=_input_precision(x2d.dtype),
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
 
     def hopper(config=None):
+        from fastbert.kernels import linear_gelu_sm90
+
         linear_gelu_sm90.linear_gelu_fwd_sm90(x2d, weight, bias, y, h_out, approximate, store_preact, bucket,
                                               config)  # fmt: skip
 
@@ -425,17 +428,17 @@ def linear_gelu_fwd(
     # Triton 3.6 would time all the same), their default; for a shape first met while a CUDA graph is captured
     # (timing cannot run then), the config this kernel last ran at the same features (loaded: a kernel must not be
     # loaded during capture either), else the default.
-    default = INTERPRETER_CONFIGS[0] if interpreting() else (FP32_CONFIGS if fp32 else HALF_CONFIGS)[0]
-    if sm90:
-        default = linear_gelu_sm90.default_config()
     config = None
     if bucket == 0 or fp32:
-        config = default
-    elif (key, sm90) not in _TUNED and _capturing(x2d):
-        config = _RAN.get((key[1:], sm90), default)
+        config = _default_config(fp32, sm90)
+    elif (key, sm90) not in _TUNED:
+        if _capturing(x2d):
+            config = _RAN.get((key[1:], sm90)) or _default_config(fp32, sm90)
+        else:
+            (hopper if sm90 else portable)()
+            _tuned(key, sm90)
+            return y, h
     (hopper if sm90 else portable)(config)
-    if config is None:
-        _tuned(key, sm90)
     return y, h
 
 
@@ -452,6 +455,15 @@ def _tuned(key: tuple, sm90: bool) -> None:
     _TUNED.add((key, sm90))
     autotuner = linear_gelu_sm90._linear_gelu_fwd_sm90_kernel if sm90 else _linear_gelu_fwd_kernel
     _RAN[(key[1:], sm90)] = autotuner.best_config
+
+
+def _default_config(fp32: bool, sm90: bool) -> triton.Config:
+    """The config the autotuner of the kernel (the TMA one when sm90) keeps while tuning is pinned."""
+    if sm90:
+        from fastbert.kernels import linear_gelu_sm90
+
+        return linear_gelu_sm90.default_config()
+    return INTERPRETER_CONFIGS[0] if interpreting() else (FP32_CONFIGS if fp32 else HALF_CONFIGS)[0]
 
 
 def _capturing(t: torch.Tensor) -> bool:
