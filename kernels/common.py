@@ -31,10 +31,11 @@ def autotune_pinned() -> bool:
 
 
 def launch_untimed(autotuned, grid, config, *args, **kwargs) -> None:
-    """Launch a ``triton.autotune`` kernel with ``config`` (its default), past its Autotuner: nothing is timed.
-    For tuning pinned (autotune_pinned), where Triton 3.6's Autotuner still times a list pruned to one config
-    (3.9 skips that), and for a CUDA graph being captured, where timing cannot run (it synchronises) and an
-    untuned key would start it. The launch is the Autotuner's own: the config's pre_hook, then its kwargs."""
+    """Launch a ``triton.autotune`` kernel with ``config``, past its Autotuner: nothing is timed. For tuning
+    pinned (autotune_pinned: the default config), where Triton 3.6's Autotuner still times a list pruned to one
+    config (3.9 skips that), and for a CUDA graph being captured, where timing cannot run (it synchronises) and an
+    untuned key would start it (a config already loaded). The launch is the Autotuner's own: the config's
+    pre_hook, then its kwargs."""
     if config.pre_hook is not None:
         config.pre_hook(dict(zip(autotuned.arg_names, args, strict=False)) | kwargs | config.all_kwargs())
     autotuned.fn[grid](*args, **kwargs, **config.all_kwargs())

@@ -156,12 +156,14 @@ def linear_gelu_fwd_sm90(
     def grid(meta):
         return (min(sms * meta["PROGRAMS_PER_SM"], cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
 
-    args = (x_desc, w_desc, bias, y, h, M, N, K, m_bucket)
-    kwargs = dict(APPROX=_APPROX[approximate], STORE_PREACT=store_preact, enable_fp_fusion=FP_FUSION)
     if config is None:
-        _linear_gelu_fwd_sm90_kernel[grid](*args, **kwargs)
+        launch = _linear_gelu_fwd_sm90_kernel[grid]
     else:
-        launch_untimed(_linear_gelu_fwd_sm90_kernel, grid, config, *args, **kwargs)
+        launch = lambda *args, **kwargs: launch_untimed(_linear_gelu_fwd_sm90_kernel, grid, config, *args, **kwargs)
+    launch(
+        x_desc, w_desc, bias, y, h, M, N, K, m_bucket,
+        APPROX=_APPROX[approximate], STORE_PREACT=store_preact, enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- compile gate
