@@ -163,36 +163,45 @@ DTYPES = [torch.float16, *([torch.bfloat16] if HAS_CUDA else [])]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize(
-    "b, h, s, d, masked, dropout_p",
-    [(2, 2, 70, 64, False, 0.0), (2, 2, 70, 64, True, 0.0), (2, 1, 70, 32, True, 0.0), (1, 2, 70, 64, True, 0.2)],
-    ids=["d64", "d64-mask", "d32-mask", "d64-mask-dropout"],
-)
-def test_alternate_tiles_match_the_reference(fake_gpu, monkeypatch, b, h, s, d, masked, dropout_p, dtype):
-    """Each kernel launched with its alternate tile (timed as faster; in the interpreter without CUDA): the launch
-    closures give the chosen tile its own grid (query blocks for the forward and dq, key blocks for dk/dv)."""
-    monkeypatch.setattr(at, "_time", alternates_faster())
-    _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen=1)
+    "b, h, s, d, masked, dropout_p, chosen",
+    [(2, 2, 70, 64, False, 0.0, 1), (2, 2, 70, 64, True, 0.0, 1), (2, 2, 70, 64, True, 0.0, 2),
+     (2, 1, 70, 32, True, 0.0, 1), (1, 2, 70, 64, True, 0.2, 1)],
+    ids=["d64", "d64-mask", "d64-mask-second", "d32-mask", "d64-mask-dropout"],
+)  # fmt: skip
+def test_alternate_tiles_match_the_reference(fake_gpu, monkeypatch, b, h, s, d, masked, dropout_p, chosen, dtype):
+    """Each kernel launched with an alternate tile (timed as fastest; in the interpreter without CUDA): the launch
+    closures give the chosen tile its own grid (query blocks for the forward and dq, key blocks for dk/dv). A
+    kernel with no entry `chosen` keeps its default."""
+    monkeypatch.setattr(at, "_time", alternates_faster(chosen=chosen))
+    _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen=chosen)
 
 
-def alternates_faster(run: bool = False):
-    """A timer under which every alternate is faster than its default (_fastest times the default first); with
-    run, it also calls launch(meta), as the real timer does. Its .timed lists the launch closures timed (kept
-    alive: no two share an id)."""
+def alternates_faster(run: bool = False, chosen: int = 1):
+    """A timer under which each kernel's alternate `chosen` (its chosen-th tile timed; _fastest times the default
+    first, then the alternates in table order) is the fastest; with run, it also calls launch(meta), as the real
+    timer does. Its .timed lists the launch closures timed (kept alive: no two share an id)."""
     timed = []
 
     def fake_time(launch, meta):
         if run:
             launch(meta)
-        first = not any(launch is seen for seen in timed)
+        nth = sum(launch is seen for seen in timed)
         timed.append(launch)
-        return 1.0 if first else 0.5
+        return 0.5 if nth == chosen else 1.0
 
     fake_time.timed = timed
     return fake_time
 
 
+def timed_tiles(dtype: torch.dtype, head_dim: int, dropout: bool) -> int:
+    """How many tiles a call's first timing runs: every applicable entry of the three kernels' tables."""
+    name = at._dtype_name(torch.empty(0, dtype=dtype))
+    return sum(len(at._applicable(tiles.table, name, head_dim, dropout)) for tiles in TILES)
+
+
 def _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen):
-    """fwd + bwd against the float64 reference; every kernel must have run its entry `chosen` (0: the default)."""
+    """fwd + bwd against the float64 reference; every kernel must have run its entry `chosen` (0: the default), or
+    its default where it has no such entry."""
     from fastbert.kernels.attention_dropout import dropout_keep_mask
     from fastbert.ops._common import draw_seed
 
@@ -205,17 +214,17 @@ def _check_tiles(b, h, s, d, masked, dropout_p, dtype, chosen):
                             seed=99 if dropout_p else None)  # fmt: skip
     for name, tiles in zip(("fwd", "dkdv", "dq"), TILES, strict=True):
         entries = at._applicable(tiles.table, at._dtype_name(torch.empty(0, dtype=dtype)), d, dropout_p > 0)
-        assert list(tiles.chosen.values()) == [at._as_meta(entries[chosen])], name
+        assert list(tiles.chosen.values()) == [at._as_meta(entries[chosen if chosen < len(entries) else 0])], name
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("seq", [128, 512])
-@pytest.mark.parametrize("chosen", [0, 1], ids=["default", "alternate"])
+@pytest.mark.parametrize("chosen", [0, 1, 2], ids=["default", "alternate", "second-alternate"])
 def test_bert_shapes_with_each_tile_gpu(fake_gpu, monkeypatch, chosen, seq, dtype):
-    """BERT-base's heads (32 x 12 x 64), masked, with each kernel's default and then its alternate: which one the
-    real timer picks depends on the GPU and on what else runs on it, so each is forced here."""
-    monkeypatch.setattr(at, "_time", alternates_faster() if chosen else (lambda launch, meta: 1.0))
+    """BERT-base's heads (32 x 12 x 64), masked, with each kernel's default and then each alternate (dq has two):
+    which one the real timer picks depends on the GPU and on what else runs on it, so each is forced here."""
+    monkeypatch.setattr(at, "_time", alternates_faster(chosen=chosen) if chosen else (lambda launch, meta: 1.0))
     _check_tiles(32, 12, seq, 64, True, 0.0, dtype, chosen=chosen)
 
 
@@ -229,10 +238,10 @@ def test_the_real_timer_chooses_and_records_gpu(monkeypatch):
     real = at._time
     monkeypatch.setattr(at, "_time", lambda launch, meta: (timed.append(meta), real(launch, meta))[1])
     check_against_reference(*make_inputs(1, 12, 128, 64, torch.float16), mask=random_mask(1, 128, seed=1))
-    assert len(timed) == 6  # default and alternate of each kernel
+    assert len(timed) == timed_tiles(torch.float16, 64, False)  # default and alternates of each kernel
     rows = at.tuned_tiles()
     assert [r["kernel"] for r in rows] == ["fwd", "dkdv", "dq"]
     index = torch.empty(0, device=DEVICE).device.index  # (DEVICE is torch.device("cuda"): its own index is None)
     assert all(r["seq_bucket"] == 128 and r["bh_bucket"] == 16 and r["device"] == index for r in rows)
     check_against_reference(*make_inputs(1, 12, 100, 64, torch.float16))  # the same bucket: not timed again
-    assert len(timed) == 6
+    assert len(timed) == timed_tiles(torch.float16, 64, False)

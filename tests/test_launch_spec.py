@@ -205,7 +205,7 @@ def test_attention_odd_layouts_are_gated():
 def test_attention_alternate_tiles_are_gated(monkeypatch, dtype, head_dim):
     """On a GPU the launchers time each kernel's alternate tiles against its default (kernels.attention._Tiles):
     those launches, and the alternates then chosen, are gated too."""
-    from test_attention_tiles import alternates_faster
+    from test_attention_tiles import alternates_faster, timed_tiles
 
     from fastbert.kernels import attention as at
 
@@ -219,10 +219,11 @@ def test_attention_alternate_tiles_are_gated(monkeypatch, dtype, head_dim):
     with captured_launches() as launches:
         _attention_calls(dtype, head_dim, 0.0, None)
         _attention_calls(dtype, head_dim, 0.1, "bool")
-    assert len(fake_time.timed) == 12  # 3 kernels x 2 calls, a default and an alternate each
+    expected = timed_tiles(dtype, head_dim, False) + timed_tiles(dtype, head_dim, True)  # 3 kernels x 2 calls
+    assert len(fake_time.timed) == expected
     tiles = {(launch.name, *(launch.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "HAS_DROPOUT")))
              for launch in launches if "BLOCK_N" in launch.constexprs}  # fmt: skip
-    assert len(tiles) == 12, tiles  # every default and every alternate launched
+    assert len(tiles) == expected, tiles  # every default and every alternate launched
     assert_covered(launches)
 
 
