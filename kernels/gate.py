@@ -116,7 +116,11 @@ def wgmma_serialized(ptx: str, arch: int) -> str:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", src + ".o"]
+        try:
+            ptxas = get_ptxas(arch)
+        except TypeError:  # (Triton 3.4's get_ptxas takes no architecture)
+            ptxas = get_ptxas()
+        cmd = [ptxas.path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", src + ".o"]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     return "\n".join(line.split(": ", 1)[-1] for line in log.splitlines() if "are serialized" in line)
 
