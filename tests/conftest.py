@@ -35,15 +35,16 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def interpreter_breaks_on_numpy() -> bool:
-    """Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which numpy 2.5
-    rejects (3.9's squeezes first): every kernel with a runtime loop bound fails there (the H100 image has both).
+    """Triton 3.6's interpreter turns a loop bound into an int with int(array of shape (1,)), which numpy 2.4
+    rejects (2.3 warns; checked with 2.3.5 and 2.4.6; 3.7's interpreter squeezes first): every kernel with a
+    runtime loop bound fails there (the H100 image has both).
     Tests that start a fresh process in the interpreter on a GPU machine skip there."""
     import inspect
 
     import numpy
     import triton.runtime.interpreter as interpreter
 
-    new_numpy = numpy.lib.NumpyVersion(numpy.__version__) >= "2.5.0"
+    new_numpy = numpy.lib.NumpyVersion(numpy.__version__) >= "2.4.0"
     return new_numpy and "int(self.handle.data))" in inspect.getsource(interpreter)
 
 
