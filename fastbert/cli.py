@@ -192,6 +192,18 @@ CHECKS: dict[str, Callable[[torch.device, torch.dtype, bool], list[dict]]] = {
 }
 
 
+def _versions() -> str:
+    """torch's and Triton's versions, as a report of a failed check needs them (the README's "Versions" says what
+    the compile gate found under each Triton)."""
+    import importlib.metadata
+
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "not installed"
+    return f"torch {torch.__version__}, Triton {triton_version}"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -200,7 +212,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (no CUDA device)"
     dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.float16]
-    print(f"fastbert check on {where}")
+    print(f"fastbert check on {where} ({_versions()})")
     header = f"{'op':20s} {'dtype':9s} {'shape':16s} {'tensor':10s} {'max err':>10s} {'eager err':>10s}  ok"
     print(header)
     print("-" * len(header))

@@ -26,6 +26,9 @@ _ATTENTION_FP32_DKDV_D32 = (
     "attention dk/dv in fp32 (IEEE, not a training dtype) at head_dim 32 without dropout: 1 spill store at 80 "
     "registers on sm_90"
 )
+_DQ_D64 = dict.fromkeys(
+    ["sm90-attention_dq-fp16-d64-drop0-m128n64w8s3", "sm90-attention_dq-bf16-d64-drop0-m128n64w8s3"], _DQ_D64_REGISTERS
+)
 _GELU_128X256_SM80 = (
     "linear_gelu 128 x 256 autotune candidate, exact-erf epilogue: 2 spill stores at 255 registers on sm_80; the "
     "autotuner times it against four spill-free configs"
@@ -48,13 +51,7 @@ RECORDED: dict[tuple[int, int], tuple[str, dict[str, str]]] = {
                 ],
                 _LAYER_NORM_UNALIGNED,
             ),
-            **dict.fromkeys(
-                [
-                    "sm90-attention_dq-fp16-d64-drop0-m128n64w8s3",
-                    "sm90-attention_dq-bf16-d64-drop0-m128n64w8s3",
-                ],
-                _DQ_D64_REGISTERS,
-            ),
+            **_DQ_D64,
         },
     ),
     (3, 7): (
@@ -82,13 +79,7 @@ RECORDED: dict[tuple[int, int], tuple[str, dict[str, str]]] = {
                 ],
                 _GELU_128X256_SM80,
             ),
-            **dict.fromkeys(
-                [
-                    "sm90-attention_dq-fp16-d64-drop0-m128n64w8s3",
-                    "sm90-attention_dq-bf16-d64-drop0-m128n64w8s3",
-                ],
-                _DQ_D64_REGISTERS,
-            ),
+            **_DQ_D64,
         },
     ),
     (3, 8): (
