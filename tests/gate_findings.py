@@ -26,12 +26,13 @@ _ATTENTION_FP32_DKDV_D32 = (
     "attention dk/dv in fp32 (IEEE, not a training dtype) at head_dim 32 without dropout: 1 spill store at 80 "
     "registers on sm_90"
 )
-_DQ_D64 = dict.fromkeys(
-    ["sm90-attention_dq-fp16-d64-drop0-m128n64w8s3", "sm90-attention_dq-bf16-d64-drop0-m128n64w8s3"], _DQ_D64_REGISTERS
-)
 _GELU_128X256_SM80 = (
     "linear_gelu 128 x 256 autotune candidate, exact-erf epilogue: 2 spill stores at 255 registers on sm_80; the "
     "autotuner times it against four spill-free configs"
+)
+
+_DQ_D64 = dict.fromkeys(
+    ["sm90-attention_dq-fp16-d64-drop0-m128n64w8s3", "sm90-attention_dq-bf16-d64-drop0-m128n64w8s3"], _DQ_D64_REGISTERS
 )
 
 # Triton (major, minor) -> (the release the list was recorded with, {test id: reason}); test ids as in
@@ -97,7 +98,7 @@ def known_finding(test_id: str, version: str) -> tuple[str, bool] | None:
     None. strict: `version` is the very release the list was recorded with."""
     try:
         minor = tuple(int(p) for p in version.split(".")[:2])
-    except ValueError:  # (a development build, "3.9.0+git...": the first two fields still parse; anything else)
+    except ValueError:  # (a version whose first two fields are not numbers: nothing is recorded for it)
         return None
     recorded = RECORDED.get(minor)
     if recorded is None or test_id not in recorded[1]:
